@@ -1,0 +1,1 @@
+"""Domain models and services of Linli, free of any web framework."""

@@ -1,0 +1,82 @@
+"""Agency credit_score (0-100), recomputed from the ratings of the agency's workers.
+
+The ratings component is a Bayesian average: the agency's stars plus CREDIT_PRIOR_WEIGHT
+imaginary ratings of CREDIT_PRIOR_MEAN stars, mapped from 1..5 stars to 0..100. With no
+ratings the score is 75; one new rating moves it by at most 100 / (n + 21) points, where n
+is the number of earlier ratings, so no single resident can swing it far.
+"""
+
+from __future__ import annotations
+
+from tortoise.functions import Count, Sum
+
+from backend import clock
+from backend.models import Agency, CreditEvent, Rating
+
+CREDIT_PRIOR_MEAN = 4.0
+CREDIT_PRIOR_WEIGHT = 20
+INITIAL_CREDIT = round((CREDIT_PRIOR_MEAN - 1.0) / 4.0 * 100.0, 2)
+
+
+def ratings_component(stars_sum: int, count: int) -> float:
+    average = (stars_sum + CREDIT_PRIOR_MEAN * CREDIT_PRIOR_WEIGHT) / (count + CREDIT_PRIOR_WEIGHT)
+    return round((average - 1.0) / 4.0 * 100.0, 2)
+
+
+async def recompute_credit(agency: Agency, reason: str) -> float:
+    """Recompute and store the agency's score, with a history entry when it changed.
+
+    Call inside a transaction that has locked the agency row, so that two ratings landing at
+    once cannot both compute from a view that misses the other.
+    """
+    totals = (
+        await Rating.filter(agency_id=agency.id)
+        .annotate(stars_sum=Sum("stars"), count=Count("id"))
+        .first()
+        .values("stars_sum", "count")
+    )
+    stars_sum = int(totals["stars_sum"] or 0)
+    count = int(totals["count"] or 0)
+
+    component = ratings_component(stars_sum, count)
+    score = max(0.0, min(100.0, component))
+    if score != agency.credit_score:
+        agency.credit_score = score
+        await agency.save(update_fields=["credit_score"])
+        await CreditEvent.create(
+            agency=agency,
+            score=score,
+            reason=reason,
+            components={"ratings": component, "rating_count": count},
+            at=clock.now(),
+        )
+    return score
+
+
+async def credit_report(agency: Agency) -> dict:
+    events = await CreditEvent.filter(agency_id=agency.id).order_by("-id").limit(100)
+    latest = events[0].components if events else {"ratings": agency.credit_score}
+    return {
+        "score": agency.credit_score,
+        "components": latest,
+        "history": [
+            {"score": event.score, "reason": event.reason, "at": clock.to_local_iso(event.at)}
+            for event in events
+        ],
+    }
+
+
+async def ratings_summary(agency: Agency) -> dict:
+    rows = await Rating.filter(agency_id=agency.id).group_by("stars").annotate(n=Count("id")).values("stars", "n")
+    distribution = {str(stars): 0 for stars in range(1, 6)}
+    total = 0
+    count = 0
+    for row in rows:
+        distribution[str(row["stars"])] = row["n"]
+        total += row["stars"] * row["n"]
+        count += row["n"]
+    return {
+        "count": count,
+        "average": round(total / count, 2) if count else None,
+        "distribution": distribution,
+    }

@@ -1,0 +1,46 @@
+"""Tortoise ORM set-up shared by the app, the scripts and the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tortoise import Tortoise, connections
+
+MODEL_MODULES = ["backend.models"]
+
+
+def tortoise_config(database_url: str) -> dict:
+    return {
+        "connections": {"default": database_url},
+        "apps": {"models": {"models": MODEL_MODULES, "default_connection": "default"}},
+        # UTC in the database: Tortoise drifted by the zone offset with a non-UTC setting
+        # (tortoise-orm issue 2273), so times are only converted when rendered.
+        "use_tz": True,
+        "timezone": "UTC",
+    }
+
+
+def _ensure_sqlite_folder(database_url: str) -> None:
+    if not database_url.startswith("sqlite://"):
+        return
+    path = database_url.removeprefix("sqlite://").split("?", 1)[0]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+async def init_db(database_url: str, *, create_schema: bool = True) -> None:
+    """Open the connections and create missing tables."""
+    _ensure_sqlite_folder(database_url)
+    await Tortoise.init(config=tortoise_config(database_url))
+    if create_schema:
+        # NOTE: safe=True only creates missing tables; a changed column needs a migration
+        # tool (aerich) once the schema starts to evolve in production.
+        await Tortoise.generate_schemas(safe=True)
+
+
+async def close_db() -> None:
+    await connections.close_all()
+
+
+def is_postgres(database_url: str) -> bool:
+    return database_url.startswith(("postgres://", "postgresql://", "asyncpg://"))

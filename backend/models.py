@@ -1,0 +1,197 @@
+"""Tortoise ORM models. Times are stored timezone-aware in UTC; coordinates in GCJ-02."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from tortoise import fields
+from tortoise.models import Model
+
+
+class Role(str, Enum):
+    RESIDENT = "resident"
+    WORKER = "worker"
+    AGENCY_MANAGER = "agency_manager"
+    OFFICER = "officer"
+
+
+class CertificateLevel(str, Enum):
+    """Social-work certificate levels; the order of RANKS below is their seniority."""
+
+    ASSISTANT = "assistant"  # 助理社会工作师
+    INTERMEDIATE = "intermediate"  # 社会工作师
+    SENIOR = "senior"  # 高级社会工作师
+
+
+CERTIFICATE_RANKS = {
+    CertificateLevel.ASSISTANT.value: 0,
+    CertificateLevel.INTERMEDIATE.value: 1,
+    CertificateLevel.SENIOR.value: 2,
+}
+
+
+class AgencyStatus(str, Enum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    SUSPENDED = "suspended"
+
+
+class WorkerStatus(str, Enum):
+    PENDING = "pending"
+    VERIFIED = "verified"
+    REJECTED = "rejected"
+
+
+class RequestStatus(str, Enum):
+    MATCHING = "matching"
+    OFFERED = "offered"
+    ACCEPTED = "accepted"
+    IN_SERVICE = "in_service"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class OfferStatus(str, Enum):
+    OPEN = "open"
+    ACCEPTED = "accepted"
+    CLOSED = "closed"  # another worker won, or the request was cancelled
+
+
+class User(Model):
+    id = fields.IntField(primary_key=True)
+    openid = fields.CharField(max_length=64, unique=True, null=True)
+    username = fields.CharField(max_length=64, unique=True, null=True)
+    password_hash = fields.CharField(max_length=255, null=True)
+    roles = fields.JSONField(default=list)
+    agency = fields.ForeignKeyField("models.Agency", related_name="managers", null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "users"
+
+
+class District(Model):
+    code = fields.CharField(max_length=6, primary_key=True)
+    name = fields.CharField(max_length=32)
+
+    class Meta:
+        table = "districts"
+
+
+class ServiceStation(Model):
+    """One social-work service station per street or town; stands in for its street in matching."""
+
+    id = fields.IntField(primary_key=True)
+    street_code = fields.CharField(max_length=9, unique=True)
+    street_name = fields.CharField(max_length=64)
+    district = fields.ForeignKeyField("models.District", related_name="stations")
+    name = fields.CharField(max_length=128)
+    lat = fields.FloatField()
+    lng = fields.FloatField()
+
+    class Meta:
+        table = "service_stations"
+
+
+class Agency(Model):
+    id = fields.IntField(primary_key=True)
+    name = fields.CharField(max_length=128, unique=True)
+    district = fields.ForeignKeyField("models.District", related_name="agencies")
+    status = fields.CharEnumField(AgencyStatus, max_length=16, default=AgencyStatus.PENDING)
+    credit_score = fields.FloatField(default=75.0)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "agencies"
+
+
+class CreditEvent(Model):
+    """One change of an agency's credit_score, with the reason, kept for its public history."""
+
+    id = fields.IntField(primary_key=True)
+    agency = fields.ForeignKeyField("models.Agency", related_name="credit_events")
+    score = fields.FloatField()
+    reason = fields.CharField(max_length=255)
+    components = fields.JSONField(default=dict)
+    at = fields.DatetimeField()
+
+    class Meta:
+        table = "credit_events"
+        ordering = ["id"]
+
+
+class Worker(Model):
+    id = fields.IntField(primary_key=True)
+    user = fields.OneToOneField("models.User", related_name="worker")
+    agency = fields.ForeignKeyField("models.Agency", related_name="workers")
+    name = fields.CharField(max_length=64)
+    certificate_level = fields.CharEnumField(CertificateLevel, max_length=16)
+    certificate_no = fields.CharField(max_length=64, unique=True)
+    categories = fields.JSONField(default=list)
+    lat = fields.FloatField()
+    lng = fields.FloatField()
+    district = fields.ForeignKeyField("models.District", related_name="workers")
+    service_radius_m = fields.IntField()
+    status = fields.CharEnumField(WorkerStatus, max_length=16, default=WorkerStatus.PENDING)
+    on_duty = fields.BooleanField(default=False)
+    rating_sum = fields.IntField(default=0)
+    rating_count = fields.IntField(default=0)
+    verified_at = fields.DatetimeField(null=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "workers"
+
+
+class ServiceRequest(Model):
+    id = fields.IntField(primary_key=True)
+    resident = fields.ForeignKeyField("models.User", related_name="service_requests")
+    category = fields.CharField(max_length=32)
+    description = fields.TextField()
+    address = fields.CharField(max_length=255)
+    lat = fields.FloatField()
+    lng = fields.FloatField()
+    district = fields.ForeignKeyField("models.District", related_name="service_requests")
+    # The nearest station of the request's district, standing in for its street.
+    station = fields.ForeignKeyField("models.ServiceStation", related_name="service_requests", null=True)
+    status = fields.CharEnumField(RequestStatus, max_length=16, default=RequestStatus.MATCHING)
+    worker = fields.ForeignKeyField("models.Worker", related_name="service_requests", null=True)
+    accepted_at = fields.DatetimeField(null=True)
+    started_at = fields.DatetimeField(null=True)
+    completed_at = fields.DatetimeField(null=True)
+    cancelled_at = fields.DatetimeField(null=True)
+    service_minutes = fields.IntField(null=True)
+    summary = fields.TextField(null=True)
+    created_at = fields.DatetimeField()
+    updated_at = fields.DatetimeField()
+
+    class Meta:
+        table = "service_requests"
+
+
+class Offer(Model):
+    id = fields.IntField(primary_key=True)
+    service_request = fields.ForeignKeyField("models.ServiceRequest", related_name="offers")
+    worker = fields.ForeignKeyField("models.Worker", related_name="offers")
+    status = fields.CharEnumField(OfferStatus, max_length=16, default=OfferStatus.OPEN)
+    distance_m = fields.IntField()
+    score = fields.FloatField()
+    created_at = fields.DatetimeField()
+
+    class Meta:
+        table = "offers"
+        unique_together = (("service_request", "worker"),)
+
+
+class Rating(Model):
+    id = fields.IntField(primary_key=True)
+    # unique: the database itself stops a second rating of the same request.
+    service_request = fields.OneToOneField("models.ServiceRequest", related_name="rating")
+    worker = fields.ForeignKeyField("models.Worker", related_name="ratings")
+    agency = fields.ForeignKeyField("models.Agency", related_name="ratings")
+    stars = fields.SmallIntField()
+    comment = fields.TextField(null=True)
+    created_at = fields.DatetimeField()
+
+    class Meta:
+        table = "ratings"

@@ -1,0 +1,93 @@
+"""Settings read from the environment, checked once at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WECHAT_API_BASE_URL = "https://api.weixin.qq.com/"
+MIN_PROD_PASSWORD_LENGTH = 12
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid, so the service must not start."""
+
+
+def _read_int(environ: dict[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise SettingsError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_env: str = "dev"
+    database_url: str = f"sqlite://{PROJECT_ROOT / 'var' / 'linli.sqlite3'}"
+    redis_url: str | None = None
+    wechat_appid: str = "wx-linli-dev"
+    wechat_secret: str = ""
+    wechat_api_base_url: str = DEFAULT_WECHAT_API_BASE_URL
+    wechat_timeout_s: float = 5.0
+    officer_username: str | None = None
+    officer_password: str | None = field(default=None, repr=False)
+    token_ttl_s: int = 7 * 24 * 3600
+    search_radius_m: int = 5000
+    offer_count: int = 5
+
+    @property
+    def is_prod(self) -> bool:
+        return self.app_env == "prod"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        """Build settings from environment variables and reject unsafe production values."""
+        env = dict(os.environ if environ is None else environ)
+
+        app_env = env.get("APP_ENV", "dev") or "dev"
+        if app_env not in ("dev", "prod"):
+            raise SettingsError(f"APP_ENV must be 'dev' or 'prod', got {app_env!r}")
+
+        base_url = env.get("WECHAT_API_BASE_URL") or DEFAULT_WECHAT_API_BASE_URL
+        if not base_url.endswith("/"):
+            base_url += "/"
+
+        settings = cls(
+            host=env.get("HOST") or "127.0.0.1",
+            port=_read_int(env, "PORT", 8000, 1, 65535),
+            app_env=app_env,
+            database_url=env.get("DATABASE_URL") or cls.database_url,
+            redis_url=env.get("REDIS_URL") or None,
+            wechat_appid=env.get("WECHAT_APPID") or cls.wechat_appid,
+            wechat_secret=env.get("WECHAT_SECRET") or "",
+            wechat_api_base_url=base_url,
+            officer_username=env.get("OFFICER_USERNAME") or None,
+            officer_password=env.get("OFFICER_PASSWORD") or None,
+            search_radius_m=_read_int(env, "SEARCH_RADIUS_M", 5000, 100, 50_000),
+            offer_count=_read_int(env, "OFFER_COUNT", 5, 1, 50),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise SettingsError when production would start with missing or weak secrets."""
+        if not self.is_prod:
+            return
+        if not self.wechat_secret:
+            raise SettingsError("APP_ENV=prod needs WECHAT_SECRET (the mini-program's AppSecret)")
+        if not self.wechat_appid or self.wechat_appid == Settings.wechat_appid:
+            raise SettingsError("APP_ENV=prod needs WECHAT_APPID (the mini-program's AppID)")
+        if self.officer_username and len(self.officer_password or "") < MIN_PROD_PASSWORD_LENGTH:
+            raise SettingsError(
+                f"APP_ENV=prod needs OFFICER_PASSWORD of at least {MIN_PROD_PASSWORD_LENGTH} characters"
+            )

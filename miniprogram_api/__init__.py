@@ -1,0 +1,1 @@
+"""The Sanic HTTP API of the Linli mini-program."""

@@ -1,0 +1,126 @@
+"""Service requests through their life: create, read, accept, start, complete, rate, cancel."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, Request
+from sanic.response import json
+from sanic_ext import openapi
+
+from backend import service_requests
+from backend.locations import parse_location
+from backend.models import Offer, OfferStatus, Worker
+from miniprogram_api.auth import authenticated
+from miniprogram_api.bodies import json_body, path_id
+from miniprogram_api.schemas import CompleteBody, RatingBody, ServiceRequestBody
+from miniprogram_api.views import candidate_view, request_view
+
+bp = Blueprint("service_requests", url_prefix="/api/v1/service-requests")
+
+
+async def _render(request_obj, relation: str) -> dict:
+    worker = await Worker.get_or_none(id=request_obj.worker_id) if request_obj.worker_id else None
+    candidates = None
+    if relation in ("resident", "officer"):
+        offers = await Offer.filter(service_request_id=request_obj.id).order_by("-score")
+        candidates = [
+            {"worker_id": o.worker_id, "distance_m": o.distance_m, "score": o.score, "offer_status": o.status.value}
+            for o in offers
+        ]
+    return request_view(request_obj, relation, worker=worker, candidates=candidates)
+
+
+@bp.post("")
+@openapi.summary("Ask for help: store the request and offer it to the best nearby workers")
+@openapi.body({"application/json": ServiceRequestBody})
+@authenticated()
+async def create(request: Request):
+    body = json_body(request)
+    location = parse_location(body.get("location"))
+    created, candidates = await service_requests.create_request(
+        request.app.ctx.services,
+        request.ctx.user,
+        category=body.get("category"),
+        description=body.get("description"),
+        address=body.get("address"),
+        location=location,
+    )
+    await created.fetch_related("station")
+    view = request_view(created, "resident", candidates=[candidate_view(c) for c in candidates])
+    return json(view, status=201)
+
+
+@bp.get("/<request_id>")
+@openapi.summary("Read a request; offered workers see no address or resident")
+@authenticated()
+async def read(request: Request, request_id: str):
+    found, relation = await service_requests.load_request_for(request.ctx.user, path_id(request_id, "服务需求"))
+    return json(await _render(found, relation))
+
+
+@bp.post("/<request_id>/accept")
+@openapi.summary("Accept an offer; the first accept wins, later ones get 409 already_taken")
+@authenticated()
+async def accept(request: Request, request_id: str):
+    accepted = await service_requests.accept_request(
+        request.app.ctx.services, request.ctx.user, path_id(request_id, "服务需求")
+    )
+    await accepted.fetch_related("station")
+    return json(await _render(accepted, "assigned"))
+
+
+@bp.post("/<request_id>/start")
+@openapi.summary("Start the service (assigned worker)")
+@authenticated()
+async def start(request: Request, request_id: str):
+    started = await service_requests.start_request(
+        request.app.ctx.services, request.ctx.user, path_id(request_id, "服务需求")
+    )
+    await started.fetch_related("station")
+    return json(await _render(started, "assigned"))
+
+
+@bp.post("/<request_id>/complete")
+@openapi.summary("Complete the service with its duration and a summary (assigned worker)")
+@openapi.body({"application/json": CompleteBody})
+@authenticated()
+async def complete(request: Request, request_id: str):
+    body = json_body(request)
+    completed = await service_requests.complete_request(
+        request.app.ctx.services,
+        request.ctx.user,
+        path_id(request_id, "服务需求"),
+        service_minutes=body.get("service_minutes"),
+        summary=body.get("summary"),
+    )
+    await completed.fetch_related("station")
+    return json(await _render(completed, "assigned"))
+
+
+@bp.post("/<request_id>/rating")
+@openapi.summary("Rate a completed service once, 1 to 5 stars (the resident)")
+@openapi.body({"application/json": RatingBody})
+@authenticated()
+async def rate(request: Request, request_id: str):
+    body = json_body(request)
+    rating = await service_requests.rate_request(
+        request.app.ctx.services,
+        request.ctx.user,
+        path_id(request_id, "服务需求"),
+        stars=body.get("stars"),
+        comment=body.get("comment"),
+    )
+    return json(
+        {"id": rating.id, "request_id": rating.service_request_id, "stars": rating.stars, "comment": rating.comment},
+        status=201,
+    )
+
+
+@bp.post("/<request_id>/cancel")
+@openapi.summary("Cancel a request before the service starts (the resident)")
+@authenticated()
+async def cancel(request: Request, request_id: str):
+    cancelled = await service_requests.cancel_request(
+        request.app.ctx.services, request.ctx.user, path_id(request_id, "服务需求")
+    )
+    await cancelled.fetch_related("station")
+    return json(await _render(cancelled, "resident"))

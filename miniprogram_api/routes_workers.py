@@ -1,0 +1,80 @@
+"""Worker registration, duty and offers; certificate verification by officers."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, Request
+from sanic.response import json
+from sanic_ext import openapi
+
+from backend import service_requests, workers
+from backend.errors import ValidationError
+from backend.locations import parse_location
+from backend.models import Role
+from miniprogram_api.auth import authenticated
+from miniprogram_api.bodies import json_body, path_id, required
+from miniprogram_api.schemas import DutyBody, WorkerRegistrationBody
+from miniprogram_api.views import offer_view
+
+bp = Blueprint("workers")
+
+MAX_NAME_CHARS = 32
+MAX_CERTIFICATE_NO_CHARS = 64
+
+
+@bp.post("/api/v1/workers/me")
+@openapi.summary("Register the logged-in user as a social worker (pending verification)")
+@openapi.body({"application/json": WorkerRegistrationBody})
+@authenticated()
+async def register_worker(request: Request):
+    body = json_body(request)
+    agency_id = required(body, "agency_id", int, "服务机构")
+    name = required(body, "name", str, "姓名").strip()
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise ValidationError(f"姓名需为 1 到 {MAX_NAME_CHARS} 个字。", field="name")
+    certificate_level = required(body, "certificate_level", str, "证书等级")
+    certificate_no = required(body, "certificate_no", str, "证书编号").strip()
+    if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:
+        raise ValidationError("证书编号格式不正确。", field="certificate_no")
+    service_radius_m = required(body, "service_radius_m", int, "服务半径")
+    location = parse_location(body.get("location"))
+
+    worker = await workers.register_worker(
+        request.app.ctx.services,
+        request.ctx.user,
+        agency_id=agency_id,
+        name=name,
+        certificate_level=certificate_level,
+        certificate_no=certificate_no,
+        categories=body.get("categories"),
+        location=location,
+        service_radius_m=service_radius_m,
+    )
+    return json({"id": worker.id, "status": worker.status.value}, status=201)
+
+
+@bp.put("/api/v1/workers/me/duty")
+@openapi.summary("Go on or off duty, optionally with the current location")
+@openapi.body({"application/json": DutyBody})
+@authenticated(Role.WORKER)
+async def set_duty(request: Request):
+    body = json_body(request)
+    on_duty = required(body, "on_duty", bool, "接单状态")
+    location = parse_location(body["location"]) if body.get("location") is not None else None
+    worker = await workers.set_duty(request.app.ctx.services, request.ctx.user, on_duty=on_duty, location=location)
+    return json({"id": worker.id, "on_duty": worker.on_duty, "status": worker.status.value})
+
+
+@bp.get("/api/v1/workers/me/offers")
+@openapi.summary("Open offers for the logged-in worker: category, street and distance only")
+@authenticated(Role.WORKER)
+async def list_offers(request: Request):
+    offers = await service_requests.open_offers(request.ctx.user)
+    return json({"items": [offer_view(offer, service_request) for offer, service_request in offers]})
+
+
+@bp.post("/api/v1/admin/workers/<worker_id>/verify")
+@openapi.summary("Verify a worker's certificate (civil-affairs officer)")
+@authenticated(Role.OFFICER)
+async def verify_worker(request: Request, worker_id: str):
+    worker = await workers.verify_worker(request.app.ctx.services, path_id(worker_id, "社工"))
+    return json({"id": worker.id, "status": worker.status.value})
