@@ -1,0 +1,179 @@
+"""Logins, tokens and roles over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend import accounts
+from tests.conftest import fresh_code
+from tests.factories import login_resident, make_city, officer_headers
+
+
+async def test_wechat_login_creates_resident(client):
+    _, response = await client.post("/api/v1/auth/wechat-login", json={"code": fresh_code("alice")})
+    assert response.status == 200
+    assert response.json["user"]["roles"] == ["resident"]
+    assert response.json["token"]
+    assert "session_key" not in response.text
+
+
+async def test_wechat_login_same_person_same_user(client):
+    _, first = await client.post("/api/v1/auth/wechat-login", json={"code": fresh_code("bob")})
+    _, second = await client.post("/api/v1/auth/wechat-login", json={"code": fresh_code("bob")})
+    assert first.json["user"]["id"] == second.json["user"]["id"]
+    assert first.json["token"] != second.json["token"]
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "error_code"),
+    [
+        ("invalid-code", 401, "wechat_code_invalid"),
+        ("busy-now", 503, "wechat_unavailable"),
+        ("ratelimit-now", 429, "wechat_rate_limited"),
+    ],
+)
+async def test_wechat_login_errors(client, code, status, error_code):
+    _, response = await client.post("/api/v1/auth/wechat-login", json={"code": fresh_code(code)})
+    assert response.status == status
+    assert response.json["error"]["code"] == error_code
+    assert response.json["error"]["message"]
+
+
+async def test_wechat_login_code_reused(client):
+    code = fresh_code("carol")
+    _, first = await client.post("/api/v1/auth/wechat-login", json={"code": code})
+    _, second = await client.post("/api/v1/auth/wechat-login", json={"code": code})
+    assert first.status == 200
+    assert second.status == 401
+    assert second.json["error"]["code"] == "wechat_code_invalid"
+
+
+@pytest.mark.parametrize("body", [{}, {"code": ""}, {"code": 12}, {"code": "x" * 129}, [], "text"])
+async def test_wechat_login_bad_body(client, body):
+    _, response = await client.post("/api/v1/auth/wechat-login", json=body)
+    assert response.status == 400
+    assert response.json["error"]["code"] in ("missing_field", "invalid_input", "invalid_json")
+
+
+async def test_wechat_login_malformed_json(client):
+    _, response = await client.post(
+        "/api/v1/auth/wechat-login", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status == 400
+    assert response.json["error"]["code"] == "invalid_json"
+
+
+async def test_logout_revokes_token(client):
+    headers, _ = await login_resident(client)
+    _, before = await client.get("/api/v1/me", headers=headers)
+    assert before.status == 200
+    _, logout = await client.post("/api/v1/auth/logout", headers=headers)
+    assert logout.status == 200
+    _, after = await client.get("/api/v1/me", headers=headers)
+    assert after.status == 401
+    assert after.json["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize("header", ["", "Bearer", "Bearer nonsense", "Basic abc", "bearer  "])
+async def test_bad_token_rejected(client, header):
+    _, response = await client.get("/api/v1/me", headers={"Authorization": header})
+    assert response.status == 401
+    assert response.json["error"]["code"] == "unauthorized"
+
+
+async def test_role_granted_later_applies_to_old_token(services, client):
+    await make_city()
+    headers, user_id = await login_resident(client, "later-worker")
+    body = {
+        "agency_id": (await _first_agency_id()),
+        "name": "林晓",
+        "certificate_level": "assistant",
+        "certificate_no": "XM-LATER-1",
+        "categories": ["elderly_care"],
+        "location": {"lat": 24.47, "lng": 118.09},
+        "service_radius_m": 3000,
+    }
+    _, registered = await client.post("/api/v1/workers/me", json=body, headers=headers)
+    assert registered.status == 201, registered.json
+    _, me = await client.get("/api/v1/me", headers=headers)
+    assert "worker" in me.json["user"]["roles"]
+    _, offers = await client.get("/api/v1/workers/me/offers", headers=headers)
+    assert offers.status == 200
+
+
+async def _first_agency_id() -> int:
+    from backend.models import Agency
+
+    return (await Agency.filter(status="approved").first()).id
+
+
+async def test_password_login_officer(services, client):
+    await accounts.ensure_officer("officer-zhang", "a-long-password-1")
+    _, response = await client.post(
+        "/api/v1/auth/password-login", json={"username": "officer-zhang", "password": "a-long-password-1"}
+    )
+    assert response.status == 200
+    assert response.json["user"]["roles"] == ["officer"]
+
+
+@pytest.mark.parametrize(
+    ("username", "password"), [("officer-zhang", "wrong-password"), ("nobody", "a-long-password-1")]
+)
+async def test_password_login_rejected(services, client, username, password):
+    await accounts.ensure_officer("officer-zhang", "a-long-password-1")
+    _, response = await client.post("/api/v1/auth/password-login", json={"username": username, "password": password})
+    assert response.status == 401
+    assert response.json["error"]["code"] == "invalid_credentials"
+
+
+async def test_password_is_hashed(services):
+    user = await accounts.ensure_officer("officer-li", "a-long-password-2")
+    assert user.password_hash.startswith("$argon2")
+    assert "a-long-password-2" not in user.password_hash
+
+
+async def test_officer_reads_agency_credit_resident_cannot(services, client):
+    agencies = await make_city()
+    agency_id = agencies["approved"].id
+    resident, _ = await login_resident(client)
+    _, denied = await client.get(f"/api/v1/agencies/{agency_id}/credit", headers=resident)
+    assert denied.status == 403
+    _, allowed = await client.get(f"/api/v1/agencies/{agency_id}/credit", headers=await officer_headers(services))
+    assert allowed.status == 200
+    assert allowed.json["score"] == 75.0
+
+
+async def test_manager_reads_own_agency_only(services, client):
+    from backend.models import Role, User
+    from tests.factories import token_for_user
+
+    agencies = await make_city()
+    manager = await User.create(username="manager-1", roles=[Role.AGENCY_MANAGER.value], agency=agencies["approved"])
+    headers = {"Authorization": f"Bearer {await token_for_user(services, manager)}"}
+    _, own = await client.get(f"/api/v1/agencies/{agencies['approved'].id}/ratings", headers=headers)
+    assert own.status == 200
+    _, other = await client.get(f"/api/v1/agencies/{agencies['other'].id}/ratings", headers=headers)
+    assert other.status == 403
+
+
+async def test_public_reads(services, client):
+    agencies = await make_city()
+    _, health = await client.get("/healthz")
+    assert health.json == {"status": "ok"}
+    _, categories = await client.get("/api/v1/categories")
+    codes = {item["code"] for item in categories.json["items"]}
+    assert {"elderly_care", "child_care", "disability_care", "medical_escort", "poverty_relief",
+            "mental_health", "family_support"} <= codes
+    _, listed = await client.get("/api/v1/agencies?district_code=350203")
+    assert {item["id"] for item in listed.json["items"]} == {a.id for a in agencies.values()}
+    _, empty = await client.get("/api/v1/agencies?district_code=350205")
+    assert empty.json["items"] == []
+    _, bad = await client.get("/api/v1/agencies?district_code=abc")
+    assert bad.status == 400
+    assert bad.json["error"]["field"] == "district_code"
+
+
+async def test_unknown_route_gets_envelope(client):
+    _, response = await client.get("/api/v1/nothing-here")
+    assert response.status == 404
+    assert response.json["error"]["code"] == "not_found"
