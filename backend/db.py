@@ -28,10 +28,14 @@ def _ensure_sqlite_folder(database_url: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-async def init_db(database_url: str, *, create_schema: bool = True) -> None:
-    """Open the connections and create missing tables."""
+async def init_db(database_url: str, *, create_schema: bool = True, global_fallback: bool = False) -> None:
+    """Open the connections and create missing tables.
+
+    A server needs `global_fallback`: Tortoise 1.x keeps its connections in a context
+    variable, and Sanic handles requests in tasks that did not inherit the start listener's.
+    """
     _ensure_sqlite_folder(database_url)
-    await Tortoise.init(config=tortoise_config(database_url))
+    await Tortoise.init(config=tortoise_config(database_url), _enable_global_fallback=global_fallback)
     if create_schema:
         # NOTE: safe=True only creates missing tables; a changed column needs a migration
         # tool (aerich) once the schema starts to evolve in production.

