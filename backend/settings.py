@@ -74,6 +74,7 @@ class Settings:
             wechat_appid=env.get("WECHAT_APPID") or cls.wechat_appid,
             wechat_secret=env.get("WECHAT_SECRET") or ("" if app_env == "prod" else DEV_WECHAT_SECRET),
             wechat_api_base_url=base_url,
+            wechat_timeout_s=float(_read_int(env, "WECHAT_TIMEOUT_S", 5, 1, 60)),
             officer_username=env.get("OFFICER_USERNAME") or None,
             officer_password=env.get("OFFICER_PASSWORD") or None,
             search_radius_m=_read_int(env, "SEARCH_RADIUS_M", 5000, 100, 50_000),

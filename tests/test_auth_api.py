@@ -30,6 +30,7 @@ async def test_wechat_login_same_person_same_user(client):
         ("invalid-code", 401, "wechat_code_invalid"),
         ("busy-now", 503, "wechat_unavailable"),
         ("ratelimit-now", 429, "wechat_rate_limited"),
+        ("blocked-now", 403, "wechat_login_blocked"),
     ],
 )
 async def test_wechat_login_errors(client, code, status, error_code):
