@@ -8,6 +8,8 @@ from sanic import Request
 from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, json
+from redis.exceptions import RedisError
+from tortoise.exceptions import DBConnectionError, OperationalError
 
 from backend.errors import DomainError
 
@@ -53,5 +55,12 @@ class EnvelopeErrorHandler(ErrorHandler):
                 return response
 
         request_id = getattr(request.ctx, "request_id", "-") if request else "-"
+        if isinstance(exception, (RedisError, DBConnectionError, OperationalError)):
+            # A backing server is down or overloaded: the client may retry, nothing was lost.
+            log.error(
+                "backing service failed request_id=%s path=%s error=%s: %s",
+                request_id, request.path if request else "-", type(exception).__name__, exception,
+            )
+            return envelope(503, "service_unavailable", "服务暂时不可用，请稍后再试。")
         log.exception("unhandled error request_id=%s path=%s", request_id, request.path if request else "-")
         return envelope(500, "internal_error", "系统出错了，请稍后再试；如持续出现请联系客服。")
