@@ -12,6 +12,7 @@ class Role(str, Enum):
     RESIDENT = "resident"
     WORKER = "worker"
     AGENCY_MANAGER = "agency_manager"
+    STATION_STAFF = "station_staff"
     OFFICER = "officer"
 
 
@@ -51,10 +52,27 @@ class RequestStatus(str, Enum):
     CANCELLED = "cancelled"
 
 
+class DispatchStage(str, Enum):
+    """Where an unassigned request is looked for: a search ring, or its station's queue."""
+
+    RING = "ring"
+    STATION_QUEUE = "station_queue"
+
+
 class OfferStatus(str, Enum):
     OPEN = "open"
     ACCEPTED = "accepted"
+    DECLINED = "declined"
+    EXPIRED = "expired"
+    WITHDRAWN = "withdrawn"  # accepted, then given back by the worker
     CLOSED = "closed"  # another worker won, or the request was cancelled
+
+
+class NotificationStatus(str, Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    UNDELIVERABLE = "undeliverable"  # the user has not subscribed (WeChat 43101)
+    FAILED = "failed"  # retries used up
 
 
 class User(Model):
@@ -64,6 +82,7 @@ class User(Model):
     password_hash = fields.CharField(max_length=255, null=True)
     roles = fields.JSONField(default=list)
     agency = fields.ForeignKeyField("models.Agency", related_name="managers", null=True)
+    station = fields.ForeignKeyField("models.ServiceStation", related_name="staff", null=True)
     created_at = fields.DatetimeField(auto_now_add=True)
 
     class Meta:
@@ -155,10 +174,18 @@ class ServiceRequest(Model):
     # The nearest station of the request's district, standing in for its street.
     station = fields.ForeignKeyField("models.ServiceStation", related_name="service_requests", null=True)
     status = fields.CharEnumField(RequestStatus, max_length=16, default=RequestStatus.MATCHING)
+    stage = fields.CharEnumField(DispatchStage, max_length=16, default=DispatchStage.RING)
+    search_ring = fields.SmallIntField(default=1)  # 1-based index into SEARCH_RADII_M
     worker = fields.ForeignKeyField("models.Worker", related_name="service_requests", null=True)
+    preferred_start = fields.DatetimeField(null=True)
+    preferred_end = fields.DatetimeField(null=True)
     accepted_at = fields.DatetimeField(null=True)
     started_at = fields.DatetimeField(null=True)
+    checkin_lat = fields.FloatField(null=True)
+    checkin_lng = fields.FloatField(null=True)
     completed_at = fields.DatetimeField(null=True)
+    completion_lat = fields.FloatField(null=True)
+    completion_lng = fields.FloatField(null=True)
     cancelled_at = fields.DatetimeField(null=True)
     service_minutes = fields.IntField(null=True)
     summary = fields.TextField(null=True)
@@ -174,9 +201,11 @@ class Offer(Model):
     service_request = fields.ForeignKeyField("models.ServiceRequest", related_name="offers")
     worker = fields.ForeignKeyField("models.Worker", related_name="offers")
     status = fields.CharEnumField(OfferStatus, max_length=16, default=OfferStatus.OPEN)
+    ring = fields.SmallIntField(default=1)
     distance_m = fields.IntField()
     score = fields.FloatField()
     created_at = fields.DatetimeField()
+    expires_at = fields.DatetimeField()
 
     class Meta:
         table = "offers"
@@ -195,3 +224,62 @@ class Rating(Model):
 
     class Meta:
         table = "ratings"
+
+
+class DispatchEvent(Model):
+    """A step of a request's dispatch, for the resident's timeline and for audits.
+
+    `dedupe_key` is unique, so a step that must happen once (widening to ring 2, moving to the
+    station queue) cannot be recorded twice even when two scheduler processes race.
+    """
+
+    id = fields.IntField(primary_key=True)
+    service_request = fields.ForeignKeyField("models.ServiceRequest", related_name="events")
+    kind = fields.CharField(max_length=32)
+    ring = fields.SmallIntField(null=True)
+    worker_id = fields.IntField(null=True)
+    dedupe_key = fields.CharField(max_length=96, unique=True, null=True)
+    at = fields.DatetimeField()
+
+    class Meta:
+        table = "dispatch_events"
+        ordering = ["id"]
+
+
+class Notification(Model):
+    """A WeChat subscribe message waiting to be sent, sent, or given up on.
+
+    Rows are written in the same transaction as the state change they announce and sent later
+    off the request path, so a WeChat failure never blocks or rolls back that change.
+    """
+
+    id = fields.IntField(primary_key=True)
+    user = fields.ForeignKeyField("models.User", related_name="notifications")
+    kind = fields.CharField(max_length=32)
+    service_request_id = fields.IntField(null=True)
+    data = fields.JSONField(default=dict)
+    status = fields.CharEnumField(NotificationStatus, max_length=16, default=NotificationStatus.PENDING)
+    attempts = fields.SmallIntField(default=0)
+    next_attempt_at = fields.DatetimeField()
+    last_errcode = fields.IntField(null=True)
+    dedupe_key = fields.CharField(max_length=96, unique=True)
+    created_at = fields.DatetimeField()
+    sent_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "notifications"
+
+
+class ContentFlag(Model):
+    """Free text that WeChat's content check sent to review, or that could not be checked."""
+
+    id = fields.IntField(primary_key=True)
+    target = fields.CharField(max_length=48)  # e.g. "service_request.description"
+    target_id = fields.IntField()
+    verdict = fields.CharField(max_length=16)  # "review" or "unchecked"
+    user = fields.ForeignKeyField("models.User", related_name="content_flags", null=True)
+    created_at = fields.DatetimeField()
+    resolved_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "content_flags"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from tortoise.exceptions import IntegrityError
 from tortoise.expressions import F
@@ -135,7 +136,9 @@ async def match_request(services: Services, request: ServiceRequest) -> list[Can
                     worker_id=candidate.hit.document.worker_id,
                     distance_m=round(candidate.hit.distance_m),
                     score=round(candidate.score, 4),
+                    ring=request.search_ring,
                     created_at=now,
+                    expires_at=now + timedelta(seconds=settings.offer_ttl_s),
                 )
                 for candidate in candidates
             ]

@@ -18,6 +18,20 @@ class SettingsError(Exception):
     """A setting is missing or invalid, so the service must not start."""
 
 
+def _read_radii(environ: dict[str, str]) -> tuple[int, ...]:
+    raw = environ.get("SEARCH_RADII_M") or ""
+    if not raw.strip():
+        legacy = environ.get("SEARCH_RADIUS_M")
+        return (_read_int(environ, "SEARCH_RADIUS_M", 5000, 100, 50_000),) if legacy else (5000, 10_000, 20_000)
+    try:
+        radii = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise SettingsError(f"SEARCH_RADII_M must be comma-separated whole metres, got {raw!r}") from None
+    if not all(100 <= r <= 100_000 for r in radii) or list(radii) != sorted(set(radii)):
+        raise SettingsError(f"SEARCH_RADII_M must grow strictly, each 100 to 100000 m, got {raw!r}")
+    return radii
+
+
 def _read_int(environ: dict[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
     raw = environ.get(name)
     if raw is None or raw == "":
@@ -45,8 +59,25 @@ class Settings:
     officer_username: str | None = None
     officer_password: str | None = field(default=None, repr=False)
     token_ttl_s: int = 7 * 24 * 3600
-    search_radius_m: int = 5000
+    search_radii_m: tuple[int, ...] = (5000, 10_000, 20_000)
     offer_count: int = 5
+    offer_ttl_s: int = 600
+    checkin_radius_m: int = 500
+    max_active_jobs: int = 3
+    scheduler_interval_s: float = 1.0
+    content_check: bool = False
+    # Subscribe-message template ids, from the mini-program's console; empty: not sent.
+    template_offer: str = ""  # to a worker: a new offer
+    template_request_status: str = ""  # to a resident: accepted, started, completed, station queue
+    template_request_cancelled: str = ""  # to the assigned worker: the resident cancelled
+    rate_login_per_ip_per_min: int = 30
+    rate_requests_per_user_per_hour: int = 20
+    rate_requests_per_ip_per_hour: int = 200
+
+    @property
+    def search_radius_m(self) -> int:
+        """The first, narrowest search ring."""
+        return self.search_radii_m[0]
 
     @property
     def is_prod(self) -> bool:
@@ -77,8 +108,18 @@ class Settings:
             wechat_timeout_s=float(_read_int(env, "WECHAT_TIMEOUT_S", 5, 1, 60)),
             officer_username=env.get("OFFICER_USERNAME") or None,
             officer_password=env.get("OFFICER_PASSWORD") or None,
-            search_radius_m=_read_int(env, "SEARCH_RADIUS_M", 5000, 100, 50_000),
+            search_radii_m=_read_radii(env),
             offer_count=_read_int(env, "OFFER_COUNT", 5, 1, 50),
+            offer_ttl_s=_read_int(env, "OFFER_TTL_S", 600, 1, 24 * 3600),
+            checkin_radius_m=_read_int(env, "CHECKIN_RADIUS_M", 500, 10, 10_000),
+            max_active_jobs=_read_int(env, "MAX_ACTIVE_JOBS", 3, 1, 50),
+            content_check=env.get("WECHAT_CONTENT_CHECK", "0") == "1",
+            template_offer=env.get("WECHAT_TEMPLATE_OFFER", ""),
+            template_request_status=env.get("WECHAT_TEMPLATE_REQUEST_STATUS", ""),
+            template_request_cancelled=env.get("WECHAT_TEMPLATE_REQUEST_CANCELLED", ""),
+            rate_login_per_ip_per_min=_read_int(env, "RATE_LOGIN_PER_IP_PER_MIN", 30, 1, 100_000),
+            rate_requests_per_user_per_hour=_read_int(env, "RATE_REQUESTS_PER_USER_PER_HOUR", 20, 1, 100_000),
+            rate_requests_per_ip_per_hour=_read_int(env, "RATE_REQUESTS_PER_IP_PER_HOUR", 200, 1, 1_000_000),
         )
         settings.check()
         return settings
