@@ -70,6 +70,9 @@ class Settings:
     template_offer: str = ""  # to a worker: a new offer
     template_request_status: str = ""  # to a resident: accepted, started, completed, station queue
     template_request_cancelled: str = ""  # to the assigned worker: the resident cancelled
+    search_backend: str = "redis"  # or "meilisearch"
+    meili_url: str | None = None
+    meili_api_key: str | None = field(default=None, repr=False)
     rate_login_per_ip_per_min: int = 30
     rate_requests_per_user_per_hour: int = 20
     rate_requests_per_ip_per_hour: int = 200
@@ -117,6 +120,9 @@ class Settings:
             template_offer=env.get("WECHAT_TEMPLATE_OFFER", ""),
             template_request_status=env.get("WECHAT_TEMPLATE_REQUEST_STATUS", ""),
             template_request_cancelled=env.get("WECHAT_TEMPLATE_REQUEST_CANCELLED", ""),
+            search_backend=env.get("SEARCH_BACKEND") or "redis",
+            meili_url=env.get("MEILI_URL") or None,
+            meili_api_key=env.get("MEILI_API_KEY") or None,
             rate_login_per_ip_per_min=_read_int(env, "RATE_LOGIN_PER_IP_PER_MIN", 30, 1, 100_000),
             rate_requests_per_user_per_hour=_read_int(env, "RATE_REQUESTS_PER_USER_PER_HOUR", 20, 1, 100_000),
             rate_requests_per_ip_per_hour=_read_int(env, "RATE_REQUESTS_PER_IP_PER_HOUR", 200, 1, 1_000_000),
@@ -125,7 +131,11 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        """Raise SettingsError when production would start with missing or weak secrets."""
+        """Raise SettingsError on inconsistent values, and when production has missing or weak secrets."""
+        if self.search_backend not in ("redis", "meilisearch"):
+            raise SettingsError(f"SEARCH_BACKEND must be 'redis' or 'meilisearch', got {self.search_backend!r}")
+        if self.search_backend == "meilisearch" and not self.meili_url:
+            raise SettingsError("SEARCH_BACKEND=meilisearch needs MEILI_URL")
         if not self.is_prod:
             return
         if not self.wechat_secret:
