@@ -1,8 +1,9 @@
-"""WeChatGateway against the WeChat stand-in, and the stand-in's wire format over HTTP."""
+"""WeChatGateway against the WeChat stand-in, the access token shared through Redis, and the stand-in's wire format."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 import requests
 from wechatpy.client import WeChatClient
 from wechatpy.client.api.wxa import WeChatWxa
@@ -17,11 +19,16 @@ from wechatpy.client.api.wxa import WeChatWxa
 from backend.errors import RateLimited, ServiceUnavailable, Unauthorized
 from backend.settings import Settings
 from backend.wechat import (
+    ACCESS_TOKEN_REFRESH_MARGIN_S,
     WeChatCodeInvalid,
     WeChatGateway,
     WeChatRateLimited,
+    WeChatSendError,
+    WeChatSendRejected,
+    WeChatSendRetryable,
     WeChatSession,
     WeChatUnavailable,
+    WeChatUserNotSubscribed,
 )
 from scripts.wechat_standin import WeChatStandinServer, derive_openid, make_server
 
@@ -630,3 +637,634 @@ def test_open_standin_still_requires_params(open_standin: str) -> None:
 
     assert without_appid.json()["errcode"] == 41002
     assert without_secret.json()["errcode"] == 41004
+
+
+# Access token shared through Redis
+
+
+TOKEN_KEY = f"linli:wechat:{APPID}_access_token"
+TOKEN_LOCK_KEY = f"{TOKEN_KEY}:lock"
+
+
+@pytest.fixture
+def token_redis(redis_url: str) -> Iterator[redis.Redis]:
+    """A Redis client on the test server, with this appid's cached token and lock removed."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.delete(TOKEN_KEY, TOKEN_LOCK_KEY)
+    yield client
+    client.delete(TOKEN_KEY, TOKEN_LOCK_KEY)
+    client.close()
+
+
+@pytest.fixture
+def delayed_token_standin() -> Iterator[str]:
+    """Base URL of a stand-in that delays token responses by 0.3 s, so that clients overlap."""
+    server = make_server("127.0.0.1", 0, appid=APPID, secret=SECRET, token_delay_s=0.3)
+    base_url, thread = _start(server)
+    yield base_url
+    _stop(server, thread)
+
+
+def _token_calls(base_url: str) -> list[dict]:
+    return [call for call in _calls(base_url) if call["path"] == "/cgi-bin/token"]
+
+
+def _store_token(client: redis.Redis, token: str, ttl_s: int = 600) -> None:
+    # The JSON encoding that wechatpy's RedisStorage reads.
+    client.set(TOKEN_KEY, json.dumps(token), ex=ttl_s)
+
+
+async def test_token_shared_between_gateways(standin: str, token_redis: redis.Redis, redis_url: str) -> None:
+    first = WeChatGateway(_settings(standin, redis_url=redis_url))
+    second = WeChatGateway(_settings(standin, redis_url=redis_url))
+
+    await first.code_to_session("resident-shared.1")
+    session = await second.code_to_session("resident-shared.2")
+    first.close()
+    second.close()
+
+    assert session.openid == derive_openid(APPID, "resident-shared")
+    assert len(_token_calls(standin)) == 1
+    assert token_redis.get(TOKEN_KEY) is not None
+
+
+async def test_token_fetched_once_by_concurrent_gateways(
+    delayed_token_standin: str, token_redis: redis.Redis, redis_url: str
+) -> None:
+    gateways = [WeChatGateway(_settings(delayed_token_standin, redis_url=redis_url)) for _ in range(5)]
+
+    sessions = await asyncio.gather(
+        *(gateway.code_to_session(f"resident-stampede-{index}.1") for index, gateway in enumerate(gateways))
+    )
+    for gateway in gateways:
+        gateway.close()
+
+    assert [session.openid for session in sessions] == [
+        derive_openid(APPID, f"resident-stampede-{index}") for index in range(5)
+    ]
+    assert len(_token_calls(delayed_token_standin)) == 1
+    assert token_redis.get(TOKEN_LOCK_KEY) is None
+
+
+async def test_token_fetched_once_by_concurrent_threads(
+    delayed_token_standin: str, token_redis: redis.Redis, redis_url: str
+) -> None:
+    gateway = WeChatGateway(_settings(delayed_token_standin, redis_url=redis_url))
+    barrier = threading.Barrier(4)
+    sessions: list[WeChatSession] = []
+
+    def login(index: int) -> None:
+        barrier.wait(timeout=5)
+        sessions.append(asyncio.run(gateway.code_to_session(f"resident-thread-{index}.1")))
+
+    threads = [threading.Thread(target=login, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    gateway.close()
+
+    assert len(sessions) == 4
+    assert len(_token_calls(delayed_token_standin)) == 1
+
+
+async def test_token_cached_below_expires_in(standin: str, token_redis: redis.Redis, redis_url: str) -> None:
+    gateway = WeChatGateway(_settings(standin, redis_url=redis_url))
+
+    await gateway.code_to_session("resident-ttl.1")
+    gateway.close()
+
+    ttl_s = token_redis.ttl(TOKEN_KEY)
+    assert 7200 - ACCESS_TOKEN_REFRESH_MARGIN_S - 5 <= ttl_s <= 7200 - ACCESS_TOKEN_REFRESH_MARGIN_S
+
+
+async def test_token_refreshed_after_cache_ttl(token_redis: redis.Redis, redis_url: str) -> None:
+    # expires_in 2 s is cached for 1 s, half of it, because it is shorter than the margin.
+    server = make_server("127.0.0.1", 0, appid=APPID, secret=SECRET, token_ttl_s=2)
+    base_url, thread = _start(server)
+    gateway = WeChatGateway(_settings(base_url, redis_url=redis_url))
+    try:
+        await gateway.code_to_session("resident-expiry.1")
+        assert 0 < token_redis.pttl(TOKEN_KEY) <= 1000
+        await asyncio.sleep(1.2)
+        await gateway.code_to_session("resident-expiry.2")
+        token_calls = _token_calls(base_url)
+    finally:
+        gateway.close()
+        _stop(server, thread)
+
+    assert len(token_calls) == 2
+
+
+async def test_memory_token_refreshed_after_cache_ttl() -> None:
+    server = make_server("127.0.0.1", 0, appid=APPID, secret=SECRET, token_ttl_s=2)
+    base_url, thread = _start(server)
+    gateway = WeChatGateway(_settings(base_url))
+    try:
+        await gateway.code_to_session("resident-memory-expiry.1")
+        await gateway.code_to_session("resident-memory-expiry.2")
+        calls_before_expiry = len(_token_calls(base_url))
+        await asyncio.sleep(1.2)
+        await gateway.code_to_session("resident-memory-expiry.3")
+        calls_after_expiry = len(_token_calls(base_url))
+    finally:
+        gateway.close()
+        _stop(server, thread)
+
+    assert calls_before_expiry == 1
+    assert calls_after_expiry == 2
+
+
+async def test_waiter_reads_token_of_lock_holder(standin: str, token_redis: redis.Redis, redis_url: str) -> None:
+    # Another process holds the lock and stores its token 0.3 s later.
+    holder_token = _fetch_token(standin)
+    token_redis.set(TOKEN_LOCK_KEY, "other-process", px=5000)
+    timer = threading.Timer(0.3, _store_token, args=(token_redis, holder_token))
+    timer.start()
+    gateway = WeChatGateway(_settings(standin, redis_url=redis_url))
+
+    started = time.monotonic()
+    session = await gateway.code_to_session("resident-waiter.1")
+    elapsed = time.monotonic() - started
+    timer.join()
+    gateway.close()
+
+    assert session.openid == derive_openid(APPID, "resident-waiter")
+    assert elapsed >= 0.25
+    # Only the test's own fetch above: the gateway waited and used the holder's token.
+    assert len(_token_calls(standin)) == 1
+    assert token_redis.get(TOKEN_LOCK_KEY) == "other-process"
+
+
+async def test_lock_of_crashed_holder_expires(standin: str, token_redis: redis.Redis, redis_url: str) -> None:
+    # A process took the lock and stopped before storing a token.
+    token_redis.set(TOKEN_LOCK_KEY, "crashed-process", px=400)
+    gateway = WeChatGateway(_settings(standin, redis_url=redis_url))
+
+    started = time.monotonic()
+    await gateway.code_to_session("resident-crashed.1")
+    elapsed = time.monotonic() - started
+    gateway.close()
+
+    assert elapsed >= 0.35
+    assert len(_token_calls(standin)) == 1
+    assert token_redis.get(TOKEN_LOCK_KEY) is None
+
+
+async def test_lock_release_spares_other_holder(standin: str, token_redis: redis.Redis, redis_url: str) -> None:
+    gateway = WeChatGateway(_settings(standin, redis_url=redis_url))
+    token_redis.set(TOKEN_LOCK_KEY, "other-process", px=5000)
+
+    gateway._client._release_refresh_lock("expired-lock-of-this-process")
+    lock_after_wrong_release = token_redis.get(TOKEN_LOCK_KEY)
+    gateway._client._release_refresh_lock("other-process")
+    gateway.close()
+
+    assert lock_after_wrong_release == "other-process"
+    assert token_redis.get(TOKEN_LOCK_KEY) is None
+
+
+async def test_rejected_shared_token_refreshed_once(
+    delayed_token_standin: str, token_redis: redis.Redis, redis_url: str
+) -> None:
+    first = WeChatGateway(_settings(delayed_token_standin, redis_url=redis_url))
+    second = WeChatGateway(_settings(delayed_token_standin, redis_url=redis_url))
+    await first.code_to_session("resident-stale-warmup.1")
+    # The reset makes the cached token unknown to the stand-in, as a token fetched elsewhere would.
+    requests.post(f"{delayed_token_standin}__standin__/reset", timeout=HTTP_TIMEOUT_S)
+
+    sessions = await asyncio.gather(
+        first.code_to_session("resident-stale-a.1"), second.code_to_session("resident-stale-b.1")
+    )
+    first.close()
+    second.close()
+
+    assert [session.openid for session in sessions] == [
+        derive_openid(APPID, "resident-stale-a"),
+        derive_openid(APPID, "resident-stale-b"),
+    ]
+    calls = [(call["path"], call["errcode"]) for call in _calls(delayed_token_standin)]
+    assert calls.count(("/sns/jscode2session", 40001)) == 2
+    assert calls.count(("/cgi-bin/token", 0)) == 1
+
+
+async def test_gateways_without_redis_fetch_own_tokens(standin: str) -> None:
+    first = WeChatGateway(_settings(standin))
+    second = WeChatGateway(_settings(standin))
+
+    await first.code_to_session("resident-memory-a.1")
+    await second.code_to_session("resident-memory-b.1")
+    first.close()
+    second.close()
+
+    assert len(_token_calls(standin)) == 2
+
+
+async def test_redis_down_login_unavailable(standin: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="backend.wechat")
+    gateway = WeChatGateway(_settings(standin, redis_url="redis://127.0.0.1:1/0"))
+
+    with pytest.raises(WeChatUnavailable):
+        await gateway.code_to_session("resident-redis-down.1")
+    gateway.close()
+
+    assert "Redis failed while reading the WeChat access token for code2Session: ConnectionError" in caplog.text
+    assert _calls(standin) == []
+
+
+# Subscribe messages
+
+
+SUBSCRIBE_PATH = "/cgi-bin/message/subscribe/send"
+MESSAGE_DATA = {
+    "thing1": {"value": "养老照护"},
+    "phrase2": {"value": "已接单"},
+    "time3": {"value": "2025年3月8日 09:30"},
+    "thing4": {"value": "社工已接单，可在小程序查看进度"},
+}
+
+
+def _subscribe_messages(base_url: str) -> list[dict]:
+    response = requests.get(f"{base_url}__standin__/subscribe-messages", timeout=HTTP_TIMEOUT_S)
+    assert response.status_code == 200
+    return response.json()
+
+
+def _script(base_url: str, openid: str, errcodes: list) -> requests.Response:
+    return requests.post(
+        f"{base_url}__standin__/script", json={"openid": openid, "errcodes": errcodes}, timeout=HTTP_TIMEOUT_S
+    )
+
+
+def _unsubscribe(base_url: str, openid: str) -> requests.Response:
+    return requests.post(f"{base_url}__standin__/unsubscribe", json={"openid": openid}, timeout=HTTP_TIMEOUT_S)
+
+
+async def test_send_recorded_by_standin(gateway: WeChatGateway, standin: str) -> None:
+    await gateway.send_subscribe_message("o-send-recorded", "tpl-status", MESSAGE_DATA, page="pages/index/index")
+
+    assert _subscribe_messages(standin) == [
+        {"touser": "o-send-recorded", "template_id": "tpl-status", "page": "pages/index/index", "data": MESSAGE_DATA}
+    ]
+    send_call = _calls(standin)[-1]
+    assert send_call["path"] == SUBSCRIBE_PATH
+    assert send_call["errcode"] == 0
+    assert send_call["params"] == {"access_token": "<redacted>"}
+
+
+async def test_send_without_page_omits_it(gateway: WeChatGateway, standin: str) -> None:
+    await gateway.send_subscribe_message("o-send-nopage", "tpl-status", MESSAGE_DATA)
+
+    [message] = _subscribe_messages(standin)
+    assert "page" not in message
+
+
+@pytest.mark.parametrize("errcode", [-1, 45009])
+async def test_send_transient_retryable(gateway: WeChatGateway, standin: str, errcode: int) -> None:
+    _script(standin, "o-send-transient", [errcode])
+
+    with pytest.raises(WeChatSendRetryable) as caught:
+        await gateway.send_subscribe_message("o-send-transient", "tpl-status", MESSAGE_DATA)
+
+    assert caught.value.errcode == errcode
+    assert isinstance(caught.value, WeChatSendError)
+    assert _subscribe_messages(standin) == []
+
+
+async def test_send_unsubscribed_not_subscribed(gateway: WeChatGateway, standin: str) -> None:
+    _unsubscribe(standin, "o-send-unsubscribed")
+
+    with pytest.raises(WeChatUserNotSubscribed) as caught:
+        await gateway.send_subscribe_message("o-send-unsubscribed", "tpl-status", MESSAGE_DATA)
+
+    assert caught.value.errcode == 43101
+
+
+@pytest.mark.parametrize(
+    ("openid", "template_id", "data", "errcode"),
+    [
+        ("", "tpl-status", MESSAGE_DATA, 40003),
+        ("o-send-bad", "", MESSAGE_DATA, 40037),
+        ("o-send-bad", "tpl-status", {"thing1": {"value": "超" * 21}}, 47003),
+        ("o-send-bad", "tpl-status", {"phrase2": {"value": "接单了abc"}}, 47003),
+    ],
+)
+async def test_send_invalid_rejected(gateway: WeChatGateway, openid: str, template_id: str, data: dict, errcode: int) -> None:
+    with pytest.raises(WeChatSendRejected) as caught:
+        await gateway.send_subscribe_message(openid, template_id, data)
+
+    assert caught.value.errcode == errcode
+
+
+async def test_send_connection_refused_retryable() -> None:
+    gateway = WeChatGateway(_settings(f"http://127.0.0.1:{_free_port()}/"))
+
+    with pytest.raises(WeChatSendRetryable) as caught:
+        await gateway.send_subscribe_message("o-send-refused", "tpl-status", MESSAGE_DATA)
+    gateway.close()
+
+    assert caught.value.errcode is None
+    assert caught.value.__cause__ is None
+
+
+async def test_send_wrong_secret_retryable(standin: str) -> None:
+    gateway = WeChatGateway(_settings(standin, wechat_secret="wrong-secret"))
+
+    with pytest.raises(WeChatSendRetryable) as caught:
+        await gateway.send_subscribe_message("o-send-secret", "tpl-status", MESSAGE_DATA)
+    gateway.close()
+
+    assert caught.value.errcode == 40125
+
+
+async def test_send_refreshes_rejected_token(gateway: WeChatGateway, standin: str) -> None:
+    await gateway.send_subscribe_message("o-send-refresh", "tpl-status", MESSAGE_DATA)
+    requests.post(f"{standin}__standin__/reset", timeout=HTTP_TIMEOUT_S)
+
+    await gateway.send_subscribe_message("o-send-refresh", "tpl-status", MESSAGE_DATA)
+
+    calls = [(call["path"], call["errcode"]) for call in _calls(standin)]
+    assert calls == [(SUBSCRIBE_PATH, 40001), ("/cgi-bin/token", 0), (SUBSCRIBE_PATH, 0)]
+
+
+async def test_send_log_masks_openid(gateway: WeChatGateway, standin: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="backend.wechat")
+    _script(standin, "o-send-masked-openid-4321", [-1])
+
+    with pytest.raises(WeChatSendRetryable):
+        await gateway.send_subscribe_message("o-send-masked-openid-4321", "tpl-status", MESSAGE_DATA)
+
+    assert "errcode=-1" in caplog.text
+    assert "openid=o-se***4321" in caplog.text
+    assert "o-send-masked-openid-4321" not in caplog.text
+
+
+# Content check
+
+
+@pytest.mark.parametrize(
+    ("content", "suggest"),
+    [("家中老人需要上门陪伴", "pass"), ("这段话待审核", "review"), ("含有违禁内容", "risky")],
+)
+async def test_check_text_suggestion(gateway: WeChatGateway, standin: str, content: str, suggest: str) -> None:
+    result = await gateway.check_text(content, "o-check-user", 3)
+
+    assert result == suggest
+    check_call = _calls(standin)[-1]
+    assert check_call["path"] == "/wxa/msg_sec_check"
+    assert check_call["body"] == {"content": content, "version": 2, "scene": 3, "openid": "o-check-user"}
+
+
+async def test_check_text_busy_unavailable(gateway: WeChatGateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="backend.wechat")
+
+    with pytest.raises(WeChatUnavailable):
+        await gateway.check_text("内容 [busy]", "o-check-busy-openid-9876", 2)
+
+    assert "WeChat msgSecCheck failed: errcode=-1" in caplog.text
+    assert "o-check-busy-openid-9876" not in caplog.text
+    assert "内容" not in caplog.text
+
+
+async def test_check_text_timeout_unavailable(standin: str) -> None:
+    # The stand-in's slow delay is 10 s, far beyond the 1.5 s deadline.
+    gateway = WeChatGateway(_settings(standin, wechat_timeout_s=0.5))
+
+    started = time.monotonic()
+    with pytest.raises(WeChatUnavailable):
+        await gateway.check_text("内容 [slow]", "o-check-slow", 2)
+    elapsed = time.monotonic() - started
+    gateway.close()
+
+    assert elapsed < 2.5
+
+
+@pytest.mark.parametrize(("content", "scene"), [("内容", 0), ("内容", 5), ("", 2)])
+async def test_check_text_bad_arguments(gateway: WeChatGateway, standin: str, content: str, scene: int) -> None:
+    with pytest.raises(ValueError):
+        await gateway.check_text(content, "o-check-args", scene)
+
+    assert _calls(standin) == []
+
+
+# Stand-in wire format of the POST APIs
+
+
+def _post_api(base_url: str, path: str, body: object, token: str | None) -> dict:
+    params = {} if token is None else {"access_token": token}
+    data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+    response = requests.post(f"{base_url}{path}", params=params, data=data, timeout=HTTP_TIMEOUT_S)
+    assert response.status_code == 200
+    return response.json()
+
+
+def _send_body(**overrides: object) -> dict:
+    body = {"touser": "o-wire-user", "template_id": "tpl-wire", "data": MESSAGE_DATA}
+    body.update(overrides)
+    return body
+
+
+def test_standin_send_success(standin: str) -> None:
+    token = _fetch_token(standin)
+
+    answer = _post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token)
+
+    assert answer == {"errcode": 0, "errmsg": "ok"}
+    assert _subscribe_messages(standin) == [_send_body()]
+
+
+@pytest.mark.parametrize(
+    ("token", "body", "errcode"),
+    [
+        (None, _send_body(), 41001),
+        ("never-issued", _send_body(), 40001),
+        ("issued", b"not json", 47001),
+        ("issued", [1, 2], 47001),
+        ("issued", _send_body(touser=""), 40003),
+        ("issued", _send_body(template_id=None), 40037),
+        ("issued", _send_body(page=5), 41030),
+        ("issued", _send_body(data={}), 47003),
+        ("issued", _send_body(data={"title1": {"value": "x"}}), 47003),
+        ("issued", _send_body(data={"thing1": "x"}), 47003),
+        ("issued", _send_body(data={"thing1": {"value": ""}}), 47003),
+        ("issued", _send_body(data={"time3": {"value": "明天上午"}}), 47003),
+        ("issued", _send_body(data={"number5": {"value": "12a"}}), 47003),
+    ],
+)
+def test_standin_send_errors(standin: str, token: str | None, body: object, errcode: int) -> None:
+    if token == "issued":
+        token = _fetch_token(standin)
+
+    answer = _post_api(standin, "cgi-bin/message/subscribe/send", body, token)
+
+    assert answer["errcode"] == errcode
+    assert answer["errmsg"]
+    assert _subscribe_messages(standin) == []
+
+
+def test_standin_send_invalid_value_errmsg(standin: str) -> None:
+    answer = _post_api(
+        standin,
+        "cgi-bin/message/subscribe/send",
+        _send_body(data={"phrase2": {"value": "六个汉字太长"}}),
+        _fetch_token(standin),
+    )
+
+    assert answer == {"errcode": 47003, "errmsg": "argument invalid! data.phrase2.value invalid"}
+
+
+def test_standin_script_in_order(standin: str) -> None:
+    token = _fetch_token(standin)
+    assert _script(standin, "o-wire-user", [-1, 45009]).status_code == 204
+
+    answers = [_post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token) for _ in range(3)]
+
+    assert [answer["errcode"] for answer in answers] == [-1, 45009, 0]
+    assert answers[1]["errmsg"] == "reach max api daily quota limit"
+    assert len(_subscribe_messages(standin)) == 1
+
+
+def test_standin_script_other_openid_unaffected(standin: str) -> None:
+    token = _fetch_token(standin)
+    _script(standin, "o-wire-other", [-1])
+
+    answer = _post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token)
+
+    assert answer["errcode"] == 0
+
+
+def test_standin_unsubscribed_always_43101(standin: str) -> None:
+    token = _fetch_token(standin)
+    assert _unsubscribe(standin, "o-wire-user").status_code == 204
+
+    answers = [_post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token) for _ in range(2)]
+
+    assert answers == [{"errcode": 43101, "errmsg": "user refuse to accept the msg"}] * 2
+
+
+def test_standin_script_before_unsubscribe(standin: str) -> None:
+    token = _fetch_token(standin)
+    _unsubscribe(standin, "o-wire-user")
+    _script(standin, "o-wire-user", [-1])
+
+    answers = [_post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token) for _ in range(2)]
+
+    assert [answer["errcode"] for answer in answers] == [-1, 43101]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("script", {"openid": "o-x"}),
+        ("script", {"openid": "o-x", "errcodes": []}),
+        ("script", {"openid": "o-x", "errcodes": ["-1"]}),
+        ("script", {"openid": "o-x", "errcodes": [True]}),
+        ("script", {"errcodes": [-1]}),
+        ("unsubscribe", {"openid": ""}),
+        ("unsubscribe", ["o-x"]),
+    ],
+)
+def test_standin_control_bad_body_400(standin: str, path: str, body: object) -> None:
+    response = requests.post(f"{standin}__standin__/{path}", json=body, timeout=HTTP_TIMEOUT_S)
+
+    assert response.status_code == 400
+    assert response.json()["error"]
+
+
+def test_standin_reset_clears_messages_and_scripts(standin: str) -> None:
+    token = _fetch_token(standin)
+    _post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token)
+    _script(standin, "o-wire-user", [-1])
+    _unsubscribe(standin, "o-wire-other")
+
+    requests.post(f"{standin}__standin__/reset", timeout=HTTP_TIMEOUT_S)
+    token = _fetch_token(standin)
+
+    assert _subscribe_messages(standin) == []
+    assert _post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token)["errcode"] == 0
+    other = _send_body(touser="o-wire-other")
+    assert _post_api(standin, "cgi-bin/message/subscribe/send", other, token)["errcode"] == 0
+
+
+def test_standin_post_call_recorded(standin: str) -> None:
+    token = _fetch_token(standin)
+
+    _post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token)
+
+    send_call = _calls(standin)[-1]
+    assert send_call == {
+        "method": "POST",
+        "path": SUBSCRIBE_PATH,
+        "params": {"access_token": "<redacted>"},
+        "body": _send_body(),
+        "errcode": 0,
+    }
+
+
+def test_standin_post_log_omits_body(standin: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="wechat_standin")
+    token = _fetch_token(standin)
+
+    _post_api(standin, "cgi-bin/message/subscribe/send", _send_body(), token)
+    _post_api(standin, "wxa/msg_sec_check", {"content": "私密内容", "version": 2, "scene": 1, "openid": "o-w"}, token)
+
+    lines = [record.getMessage() for record in caplog.records if record.name == "wechat_standin"]
+    assert lines[-2:] == [f"POST {SUBSCRIBE_PATH} errcode=0", "POST /wxa/msg_sec_check errcode=0"]
+    assert "o-wire-user" not in caplog.text
+    assert "私密内容" not in caplog.text
+    assert token not in caplog.text
+
+
+def test_standin_oversized_body_413(standin: str) -> None:
+    response = requests.post(
+        f"{standin}cgi-bin/message/subscribe/send", data=b"x" * (64 * 1024 + 1), timeout=HTTP_TIMEOUT_S
+    )
+
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("path", ["cgi-bin/message/subscribe/send", "wxa/msg_sec_check", "__standin__/script"])
+def test_standin_post_routes_reject_get(standin: str, path: str) -> None:
+    response = _get(standin, path)
+
+    assert response.status_code == 405
+
+
+def test_standin_check_text_answer(standin: str) -> None:
+    token = _fetch_token(standin)
+
+    answer = _post_api(
+        standin, "wxa/msg_sec_check", {"content": "含有违禁内容", "version": 2, "scene": 2, "openid": "o-w"}, token
+    )
+
+    assert answer["errcode"] == 0
+    assert answer["result"] == {"suggest": "risky", "label": 20006}
+    assert answer["detail"][0]["suggest"] == "risky"
+    assert answer["trace_id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "errcode"),
+    [
+        ({"content": "x", "scene": 2, "openid": "o-w"}, 47001),
+        ({"content": "x", "version": 1, "scene": 2, "openid": "o-w"}, 47001),
+        ({"content": "x", "version": 2, "scene": 9, "openid": "o-w"}, 47001),
+        ({"content": "x", "version": 2, "scene": True, "openid": "o-w"}, 47001),
+        ({"version": 2, "scene": 2, "openid": "o-w"}, 47001),
+        ({"content": "x", "version": 2, "scene": 2}, 40003),
+        ({"content": "x [busy]", "version": 2, "scene": 2, "openid": "o-w"}, -1),
+    ],
+)
+def test_standin_check_text_errors(standin: str, body: dict, errcode: int) -> None:
+    answer = _post_api(standin, "wxa/msg_sec_check", body, _fetch_token(standin))
+
+    assert answer["errcode"] == errcode
+    assert "result" not in answer
+
+
+def test_standin_check_text_version_string(standin: str) -> None:
+    body = {"content": "待审", "version": "2", "scene": 4, "openid": "o-w"}
+
+    answer = _post_api(standin, "wxa/msg_sec_check", body, _fetch_token(standin))
+
+    assert answer["result"]["suggest"] == "review"

@@ -1,0 +1,41 @@
+"""Officers' review of user text that WeChat's content check flagged or could not check."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, Request
+from sanic.response import json
+from sanic_ext import openapi
+
+from backend import clock, content_check
+from backend.models import ContentFlag, Role
+from miniprogram_api.auth import authenticated
+from miniprogram_api.bodies import path_id
+
+bp = Blueprint("content_flags")
+
+
+def _flag_view(content_flag: ContentFlag) -> dict:
+    return {
+        "id": content_flag.id,
+        "target": content_flag.target,
+        "target_id": content_flag.target_id,
+        "verdict": content_flag.verdict,
+        "created_at": clock.to_local_iso(content_flag.created_at),
+        "resolved_at": clock.to_local_iso(content_flag.resolved_at),
+    }
+
+
+@bp.get("/api/v1/admin/content-flags")
+@openapi.summary("Flagged user text, unresolved first, newest first, at most 100 (officers)")
+@authenticated(Role.OFFICER)
+async def list_flags(request: Request):
+    flags = await content_check.list_flags()
+    return json({"items": [_flag_view(content_flag) for content_flag in flags]})
+
+
+@bp.post("/api/v1/admin/content-flags/<flag_id>/resolve")
+@openapi.summary("Mark a content flag as reviewed (officers)")
+@authenticated(Role.OFFICER)
+async def resolve_flag(request: Request, flag_id: str):
+    content_flag = await content_check.resolve_flag(path_id(flag_id, "内容标记"), request.ctx.user)
+    return json(_flag_view(content_flag))

@@ -1,0 +1,336 @@
+"""Content screening with msgSecCheck through the WeChat stand-in, flags, and the officers' flag routes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import requests
+
+from backend import accounts, clock, content_check
+from backend.context import Services
+from backend.errors import ValidationError
+from backend.models import ContentFlag, Role, User
+from backend.wechat import WeChatGateway
+from miniprogram_api import routes_content
+from tests.factories import officer_headers
+
+HTTP_TIMEOUT_S = 5.0
+CHECK_PATH = "/wxa/msg_sec_check"
+START = datetime(2025, 3, 8, 1, 30, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def check_services(services) -> Services:
+    """The test services with the content check switched on and the stand-in reset."""
+    response = requests.post(f"{services.settings.wechat_api_base_url}__standin__/reset", timeout=HTTP_TIMEOUT_S)
+    assert response.status_code == 204
+    return dataclasses.replace(services, settings=dataclasses.replace(services.settings, content_check=True))
+
+
+@pytest.fixture
+def content_app(app):
+    if routes_content.bp.name not in app.blueprints:
+        app.blueprint(routes_content.bp)
+    return app
+
+
+@pytest.fixture
+def content_client(content_app):
+    return content_app.asgi_client
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Base URL of a socket that completes TCP handshakes but never sends a byte."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    listener.close()
+
+
+def _check_calls(services: Services) -> list[dict]:
+    response = requests.get(f"{services.settings.wechat_api_base_url}__standin__/calls", timeout=HTTP_TIMEOUT_S)
+    assert response.status_code == 200
+    return [call for call in response.json() if call["path"] == CHECK_PATH]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def _resident(openid: str = "o-check-resident-0001") -> User:
+    return await User.create(openid=openid, roles=[Role.RESIDENT.value])
+
+
+def _with_wechat_at(services: Services, base_url: str, timeout_s: float = 2.0) -> Services:
+    settings = dataclasses.replace(services.settings, wechat_api_base_url=base_url, wechat_timeout_s=timeout_s)
+    return dataclasses.replace(services, settings=settings, wechat=WeChatGateway(settings))
+
+
+# screen
+
+
+async def test_screen_pass(check_services) -> None:
+    user = await _resident()
+
+    verdict = await content_check.screen(check_services, user, "家中老人需要上门陪伴", "description")
+
+    assert verdict == "pass"
+    [call] = _check_calls(check_services)
+    assert call["errcode"] == 0
+    assert call["body"] == {
+        "content": "家中老人需要上门陪伴",
+        "version": 2,
+        "scene": content_check.SCENE_FORUM,
+        "openid": "o-check-resident-0001",
+    }
+
+
+async def test_screen_review(check_services) -> None:
+    user = await _resident()
+
+    verdict = await content_check.screen(check_services, user, "这段话待审核", "summary")
+
+    assert verdict == "review"
+
+
+async def test_screen_risky_rejected(check_services) -> None:
+    user = await _resident()
+
+    with pytest.raises(content_check.ContentRejected) as caught:
+        await content_check.screen(check_services, user, "含有违禁内容", "description")
+
+    error = caught.value
+    assert isinstance(error, ValidationError)
+    assert error.status == 400
+    assert error.code == "content_rejected"
+    assert error.field == "description"
+    assert error.to_envelope() == {
+        "error": {"code": "content_rejected", "message": content_check.ContentRejected.message, "field": "description"}
+    }
+
+
+async def test_screen_comment_scene(check_services) -> None:
+    user = await _resident()
+
+    await content_check.screen(check_services, user, "服务很周到", "comment")
+
+    [call] = _check_calls(check_services)
+    assert call["body"]["scene"] == content_check.SCENE_COMMENT
+
+
+async def test_screen_busy_unchecked(check_services, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="backend")
+    user = await _resident()
+
+    verdict = await content_check.screen(check_services, user, "隐私内容 [busy]", "description")
+
+    assert verdict == "unchecked"
+    [call] = _check_calls(check_services)
+    assert call["errcode"] == -1
+    warnings = [record.getMessage() for record in caplog.records if record.name == "backend.content_check"]
+    assert warnings == [f"content check unavailable, saving the text as unchecked user_id={user.id} field=description"]
+    assert "隐私内容" not in caplog.text
+    assert user.openid not in caplog.text
+
+
+async def test_screen_wechat_down_unchecked(check_services) -> None:
+    user = await _resident()
+    down = _with_wechat_at(check_services, f"http://127.0.0.1:{_free_port()}/")
+
+    verdict = await content_check.screen(down, user, "家中老人需要上门陪伴", "description")
+    down.wechat.close()
+
+    assert verdict == "unchecked"
+
+
+async def test_screen_timeout_unchecked(check_services, silent_server: str) -> None:
+    user = await _resident()
+    silent = _with_wechat_at(check_services, silent_server, timeout_s=0.5)
+
+    verdict = await content_check.screen(silent, user, "家中老人需要上门陪伴", "description")
+    silent.wechat.close()
+
+    assert verdict == "unchecked"
+
+
+async def test_screen_disabled_skips_call(check_services) -> None:
+    disabled = dataclasses.replace(
+        check_services, settings=dataclasses.replace(check_services.settings, content_check=False)
+    )
+    user = await _resident()
+
+    verdict = await content_check.screen(disabled, user, "含有违禁内容", "description")
+
+    assert verdict == "pass"
+    assert _check_calls(check_services) == []
+
+
+async def test_screen_officer_skips_call(check_services) -> None:
+    officer = await accounts.ensure_officer("check-officer", "officer-password-123")
+    assert officer.openid is None
+
+    verdict = await content_check.screen(check_services, officer, "含有违禁内容", "summary")
+
+    assert verdict == "pass"
+    assert _check_calls(check_services) == []
+
+
+async def test_screen_blank_text_skips_call(check_services) -> None:
+    user = await _resident()
+
+    verdict = await content_check.screen(check_services, user, "   ", "comment")
+
+    assert verdict == "pass"
+    assert _check_calls(check_services) == []
+
+
+# flag
+
+
+@pytest.mark.parametrize("verdict", ["review", "unchecked"])
+async def test_flag_records_verdict(services, verdict: str) -> None:
+    clock.freeze(START)
+    user = await _resident()
+
+    await content_check.flag(verdict, "service_request.description", 42, user.id)
+
+    [stored] = await ContentFlag.all()
+    assert stored.verdict == verdict
+    assert stored.target == "service_request.description"
+    assert stored.target_id == 42
+    assert stored.user_id == user.id
+    assert stored.created_at == START
+    assert stored.resolved_at is None
+
+
+async def test_flag_pass_records_nothing(services) -> None:
+    await content_check.flag("pass", "rating.comment", 1, None)
+
+    assert await ContentFlag.all().count() == 0
+
+
+async def test_flag_unknown_verdict_raises(services) -> None:
+    with pytest.raises(ValueError, match="verdict"):
+        await content_check.flag("risky", "rating.comment", 1, None)
+
+    assert await ContentFlag.all().count() == 0
+
+
+# Routes
+
+
+async def _make_flag(target_id: int, created_at: datetime, resolved_at: datetime | None = None) -> ContentFlag:
+    return await ContentFlag.create(
+        target="service_request.description",
+        target_id=target_id,
+        verdict="review",
+        created_at=created_at,
+        resolved_at=resolved_at,
+    )
+
+
+async def _resident_headers(services: Services) -> dict[str, str]:
+    user = await _resident("o-check-route-resident")
+    token = await accounts.issue_token(services.redis, user.id, 3600)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_flags_listed_unresolved_first(services, content_client) -> None:
+    old_open = await _make_flag(1, START)
+    new_open = await _make_flag(2, START + timedelta(hours=2))
+    old_done = await _make_flag(3, START - timedelta(days=2), resolved_at=START)
+    new_done = await _make_flag(4, START + timedelta(hours=3), resolved_at=START + timedelta(hours=4))
+    headers = await officer_headers(services)
+
+    _, response = await content_client.get("/api/v1/admin/content-flags", headers=headers)
+
+    assert response.status == 200
+    items = response.json["items"]
+    assert [item["id"] for item in items] == [new_open.id, old_open.id, new_done.id, old_done.id]
+    assert items[0] == {
+        "id": new_open.id,
+        "target": "service_request.description",
+        "target_id": 2,
+        "verdict": "review",
+        "created_at": "2025-03-08T11:30:00+08:00",
+        "resolved_at": None,
+    }
+    assert items[2]["resolved_at"] == "2025-03-08T13:30:00+08:00"
+
+
+async def test_flags_list_capped_at_100(services, content_client) -> None:
+    await ContentFlag.bulk_create(
+        [
+            ContentFlag(target="rating.comment", target_id=index, verdict="unchecked", created_at=START)
+            for index in range(105)
+        ]
+    )
+    headers = await officer_headers(services)
+
+    _, response = await content_client.get("/api/v1/admin/content-flags", headers=headers)
+
+    assert response.status == 200
+    assert len(response.json["items"]) == 100
+
+
+async def test_flags_forbidden_for_resident(services, content_client) -> None:
+    await _make_flag(1, START)
+    headers = await _resident_headers(services)
+
+    _, listed = await content_client.get("/api/v1/admin/content-flags", headers=headers)
+    _, resolved = await content_client.post("/api/v1/admin/content-flags/1/resolve", headers=headers)
+
+    assert listed.status == 403
+    assert listed.json["error"]["code"] == "forbidden"
+    assert resolved.status == 403
+    assert (await ContentFlag.all().first()).resolved_at is None
+
+
+async def test_flags_need_login(services, content_client) -> None:
+    _, response = await content_client.get("/api/v1/admin/content-flags")
+
+    assert response.status == 401
+
+
+async def test_resolve_flag(services, content_client) -> None:
+    clock.freeze(START)
+    stored = await _make_flag(1, START - timedelta(hours=1))
+    headers = await officer_headers(services)
+
+    _, response = await content_client.post(f"/api/v1/admin/content-flags/{stored.id}/resolve", headers=headers)
+
+    assert response.status == 200
+    assert response.json["id"] == stored.id
+    assert response.json["resolved_at"] == "2025-03-08T09:30:00+08:00"
+    await stored.refresh_from_db()
+    assert stored.resolved_at == START
+
+
+async def test_resolve_twice_keeps_first_time(services, content_client) -> None:
+    clock.freeze(START)
+    stored = await _make_flag(1, START - timedelta(hours=1))
+    headers = await officer_headers(services)
+    await content_client.post(f"/api/v1/admin/content-flags/{stored.id}/resolve", headers=headers)
+    clock.freeze(START + timedelta(hours=1))
+
+    _, again = await content_client.post(f"/api/v1/admin/content-flags/{stored.id}/resolve", headers=headers)
+
+    assert again.status == 200
+    assert again.json["resolved_at"] == "2025-03-08T09:30:00+08:00"
+
+
+@pytest.mark.parametrize("flag_id", ["999999", "abc", "99999999999"])
+async def test_resolve_unknown_flag_404(services, content_client, flag_id: str) -> None:
+    headers = await officer_headers(services)
+
+    _, response = await content_client.post(f"/api/v1/admin/content-flags/{flag_id}/resolve", headers=headers)
+
+    assert response.status == 404
+    assert response.json["error"]["code"] == "not_found"
