@@ -3,23 +3,53 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import json
 import logging
+import math
 import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+# cryptography is installed through the wechatpy[cryptography] dependency.
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tortoise.exceptions import IntegrityError
 
+from backend import clock, rate_limit
 from backend.context import Services
 from backend.errors import Unauthorized, ValidationError
 from backend.models import Role, User
+from backend.wechat import DEADLINE_MARGIN_S, WeChatUnavailable
 
 log = logging.getLogger(__name__)
 
 TOKEN_KEY_PREFIX = "linli:token:"
+LOGIN_RETRY_KEY_PREFIX = "linli:wechat-login:"
+LOGIN_LOCK_KEY_PREFIX = "linli:wechat-login-lock:"
+# WeChat rejects a wx.login code the second time (errcode 40163), but the mini-program resends
+# a login whose response was lost on a weak network. A retry with the same code within this many
+# seconds gets the session of the first login instead.
+LOGIN_RETRY_TTL_S = 300
+# Seconds the per-code lock outlives the deadline of one code2Session exchange, to cover the
+# user lookup and the token issue that follow it.
+LOGIN_LOCK_EXTRA_S = 5
+LOGIN_LOCK_POLL_S = 0.05
+_AES_GCM_NONCE_BYTES = 12
+# KEYS[1]: the lock. ARGV[1]: its owner. Deletes the lock only if this owner still holds it.
+_RELEASE_LOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _password_hasher = PasswordHasher()
+# argon2 is slow on purpose and runs in threads of its own, apart from WeChat calls.
+_HASH_EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="argon2")
 # Verified against when the username is unknown, so a login takes as long either way.
 _DUMMY_HASH = _password_hasher.hash("linli-no-such-user")
 
@@ -55,7 +85,67 @@ async def user_for_token(client: redis.Redis, token: str) -> User:
     return user
 
 
-async def login_with_wechat(services: Services, code: str) -> tuple[str, User]:
+@dataclass(frozen=True)
+class _LoginRetryKeys:
+    cache: str  # Redis key of the remembered session
+    lock: str  # Redis key of the lock held while one login exchanges the code
+    cipher: bytes = field(repr=False)  # AES-256-GCM key of the remembered token
+
+
+def _login_retry_keys(code: str) -> _LoginRetryKeys:
+    # The code is never stored. One digest of it names the Redis keys, and a second digest,
+    # which the first does not reveal, encrypts the remembered token. So a Redis dump contains
+    # no code and no live token, only what someone who still has the code could decrypt.
+    name = hashlib.sha256(b"linli login retry name\0" + code.encode()).hexdigest()
+    cipher = hashlib.sha256(b"linli login retry cipher\0" + code.encode()).digest()
+    return _LoginRetryKeys(cache=LOGIN_RETRY_KEY_PREFIX + name, lock=LOGIN_LOCK_KEY_PREFIX + name, cipher=cipher)
+
+
+async def _remember_login(client: redis.Redis, keys: _LoginRetryKeys, user_id: int, token: str) -> None:
+    nonce = secrets.token_bytes(_AES_GCM_NONCE_BYTES)
+    sealed = AESGCM(keys.cipher).encrypt(nonce, token.encode(), str(user_id).encode())
+    entry = {
+        "user_id": user_id,
+        "issued_at": clock.now().timestamp(),
+        "nonce": base64.b64encode(nonce).decode("ascii"),
+        "token": base64.b64encode(sealed).decode("ascii"),
+    }
+    await client.set(keys.cache, json.dumps(entry), ex=LOGIN_RETRY_TTL_S)
+
+
+async def _recall_login(client: redis.Redis, keys: _LoginRetryKeys) -> tuple[str, User] | None:
+    """Return the remembered session of this code, or None if there is none still valid."""
+    raw = await client.get(keys.cache)
+    if raw is None:
+        return None
+    entry = json.loads(raw)
+    # Redis expires the entry by its own clock. This applies the same limit by backend.clock.
+    if clock.now().timestamp() - entry["issued_at"] >= LOGIN_RETRY_TTL_S:
+        return None
+
+    try:
+        token = AESGCM(keys.cipher).decrypt(
+            base64.b64decode(entry["nonce"]), base64.b64decode(entry["token"]), str(entry["user_id"]).encode()
+        ).decode()
+    except InvalidTag:
+        log.warning("remembered wechat login failed to decrypt, ignored user_id=%s", entry["user_id"])
+        return None
+    # A token revoked by logout since must not come back through a retry.
+    if not await client.exists(_token_key(token)):
+        return None
+    user = await User.get_or_none(id=entry["user_id"])
+    if user is None:
+        return None
+    return token, user
+
+
+async def _exchange_code(services: Services, code: str, keys: _LoginRetryKeys) -> tuple[str, User]:
+    """Log in with a code that has no remembered session. The caller must hold the code's lock."""
+    # The previous holder of the lock may have finished between the caller's last look and now.
+    remembered = await _recall_login(services.redis, keys)
+    if remembered is not None:
+        return remembered
+
     session = await services.wechat.code_to_session(code)
 
     user = await User.get_or_none(openid=session.openid)
@@ -66,23 +156,63 @@ async def login_with_wechat(services: Services, code: str) -> tuple[str, User]:
             # Two first logins of the same person raced; the other one created the row.
             user = await User.get(openid=session.openid)
     token = await issue_token(services.redis, user.id, services.settings.token_ttl_s)
+    await _remember_login(services.redis, keys, user.id, token)
     log.info("wechat login user_id=%s", user.id)
     return token, user
 
 
+async def login_with_wechat(services: Services, code: str) -> tuple[str, User]:
+    """Exchange a wx.login code for a new session token, and return it with its user.
+
+    A login retried with the same code within LOGIN_RETRY_TTL_S gets the first login's token
+    and user. Concurrent logins with one code take turns on a Redis lock per code: the first
+    calls WeChat and the others then read its session, so WeChat receives the code only once.
+    """
+    client = services.redis
+    keys = _login_retry_keys(code)
+    lock_ttl_s = math.ceil(services.settings.wechat_timeout_s + DEADLINE_MARGIN_S) + LOGIN_LOCK_EXTRA_S
+    owner = secrets.token_hex(8)
+
+    # Waiting one lock TTL is enough: by then the holder has finished or its lock has expired.
+    for _ in range(math.ceil(lock_ttl_s / LOGIN_LOCK_POLL_S) + 1):
+        remembered = await _recall_login(client, keys)
+        if remembered is not None:
+            log.info("wechat login retried with the same code, session reused user_id=%s", remembered[1].id)
+            return remembered
+        if await client.set(keys.lock, owner, nx=True, ex=lock_ttl_s):
+            try:
+                return await _exchange_code(services, code, keys)
+            finally:
+                await client.eval(_RELEASE_LOCK_SCRIPT, 1, keys.lock, owner)
+        await asyncio.sleep(LOGIN_LOCK_POLL_S)
+
+    log.warning("wechat login gave up waiting for a concurrent login with the same code after %d s", lock_ttl_s)
+    raise WeChatUnavailable()
+
+
 async def hash_password(password: str) -> str:
     # argon2 is deliberately slow: keep it off the event loop.
-    return await asyncio.to_thread(_password_hasher.hash, password)
+    return await asyncio.get_running_loop().run_in_executor(_HASH_EXECUTOR, _password_hasher.hash, password)
 
 
 async def _verify_password(password_hash: str, password: str) -> bool:
     try:
-        return await asyncio.to_thread(_password_hasher.verify, password_hash, password)
+        return await asyncio.get_running_loop().run_in_executor(
+            _HASH_EXECUTOR, _password_hasher.verify, password_hash, password
+        )
     except (VerificationError, InvalidHashError):
         return False
 
 
+# Password guesses per username, whatever the client's IP, so spread-out guessing is slowed too.
+PASSWORD_ATTEMPTS_PER_USERNAME = 10
+PASSWORD_ATTEMPT_WINDOW_S = 15 * 60
+
+
 async def login_with_password(services: Services, username: str, password: str) -> tuple[str, User]:
+    await rate_limit.hit(
+        services.redis, "password-login-user", username, PASSWORD_ATTEMPTS_PER_USERNAME, PASSWORD_ATTEMPT_WINDOW_S
+    )
     user = await User.get_or_none(username=username)
     if user is None or not user.password_hash:
         await _verify_password(_DUMMY_HASH, password)

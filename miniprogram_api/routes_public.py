@@ -6,7 +6,7 @@ from sanic import Blueprint, Request
 from sanic.response import json
 from sanic_ext import openapi
 
-from backend import accounts
+from backend import accounts, rate_limit
 from backend.catalog import CATEGORIES
 from backend.errors import ValidationError
 from backend.models import Agency
@@ -20,6 +20,14 @@ bp = Blueprint("public")
 MAX_CODE_CHARS = 128
 MAX_USERNAME_CHARS = 64
 MAX_PASSWORD_CHARS = 256
+
+
+async def _limit_logins(request: Request) -> None:
+    # WeChat and password logins share one budget per client IP, so guessing passwords
+    # cannot borrow the allowance of the other login.
+    services = request.app.ctx.services
+    await rate_limit.hit(services.redis, "login_ip", rate_limit.client_network(request),
+                         services.settings.rate_login_per_ip_per_min, 60)
 
 
 @bp.get("/healthz")
@@ -45,7 +53,7 @@ async def list_agencies(request: Request):
     query = Agency.all().order_by("id")
     district_code = request.args.get("district_code")
     if district_code is not None:
-        if not district_code.isdigit() or len(district_code) != 6:
+        if not district_code.isascii() or not district_code.isdigit() or len(district_code) != 6:
             raise ValidationError("区划代码应为 6 位数字。", field="district_code")
         query = query.filter(district_id=district_code)
     agencies = await query
@@ -66,6 +74,7 @@ async def list_agencies(request: Request):
 @openapi.summary("Log in with the code from wx.login(); every WeChat user is a resident")
 @openapi.body({"application/json": WeChatLoginBody})
 async def wechat_login(request: Request):
+    await _limit_logins(request)
     body = json_body(request)
     code = required(body, "code", str, "登录凭证 code")
     if not code or len(code) > MAX_CODE_CHARS:
@@ -78,6 +87,7 @@ async def wechat_login(request: Request):
 @openapi.summary("Log in as a civil-affairs officer or agency manager")
 @openapi.body({"application/json": PasswordLoginBody})
 async def password_login(request: Request):
+    await _limit_logins(request)
     body = json_body(request)
     username = required(body, "username", str, "用户名")
     password = required(body, "password", str, "密码")

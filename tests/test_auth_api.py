@@ -40,13 +40,13 @@ async def test_wechat_login_errors(client, code, status, error_code):
     assert response.json["error"]["message"]
 
 
-async def test_wechat_login_code_reused(client):
+async def test_wechat_login_code_used_elsewhere(services, client):
     code = fresh_code("carol")
-    _, first = await client.post("/api/v1/auth/wechat-login", json={"code": code})
-    _, second = await client.post("/api/v1/auth/wechat-login", json={"code": code})
-    assert first.status == 200
-    assert second.status == 401
-    assert second.json["error"]["code"] == "wechat_code_invalid"
+    # The code was spent by another client of WeChat, so our server never saw it succeed.
+    await services.wechat.code_to_session(code)
+    _, response = await client.post("/api/v1/auth/wechat-login", json={"code": code})
+    assert response.status == 401
+    assert response.json["error"]["code"] == "wechat_code_invalid"
 
 
 @pytest.mark.parametrize("body", [{}, {"code": ""}, {"code": 12}, {"code": "x" * 129}, [], "text"])
@@ -178,3 +178,20 @@ async def test_unknown_route_gets_envelope(client):
     _, response = await client.get("/api/v1/nothing-here")
     assert response.status == 404
     assert response.json["error"]["code"] == "not_found"
+
+
+async def test_password_guessing_limited_per_username(services, client):
+    await accounts.ensure_officer("officer-guess", "a-long-password-9")
+    statuses = []
+    for attempt in range(accounts.PASSWORD_ATTEMPTS_PER_USERNAME + 1):
+        _, response = await client.post(
+            "/api/v1/auth/password-login", json={"username": "officer-guess", "password": f"wrong-{attempt}"}
+        )
+        statuses.append(response.status)
+    assert statuses[:-1] == [401] * accounts.PASSWORD_ATTEMPTS_PER_USERNAME
+    assert statuses[-1] == 429
+    assert int(response.headers["retry-after"]) > 0
+    _, right = await client.post(
+        "/api/v1/auth/password-login", json={"username": "officer-guess", "password": "a-long-password-9"}
+    )
+    assert right.status == 429

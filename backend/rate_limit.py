@@ -1,0 +1,116 @@
+"""Sliding-window rate limits kept in Redis, shared by every API process.
+
+Each (scope, identity) pair has one sorted set whose members are the allowed hits and whose
+scores are their times in milliseconds. One Lua script drops the hits older than the window,
+counts the rest and adds the new hit, so concurrent callers cannot both take the last slot.
+Rejected hits are not recorded, so a client that keeps retrying is let through again as soon
+as its oldest allowed hit leaves the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import math
+import secrets
+
+import redis.asyncio as redis
+
+from backend import clock
+from backend.errors import RateLimited
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "linli:rate:"
+# One subscriber is usually given a whole IPv6 /64, so limits apply to the prefix and not to
+# each of its addresses, which the client can change at will.
+IPV6_PREFIX_LENGTH = 64
+UNKNOWN_CLIENT = "unknown"
+
+# KEYS[1]: sorted set of hits. ARGV: now in ms, window in ms, limit, a unique member for this hit.
+# Returns 0 when the hit is allowed, else the milliseconds until one would be.
+_HIT_SCRIPT = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count < limit then
+    redis.call('ZADD', KEYS[1], now, ARGV[4])
+    redis.call('PEXPIRE', KEYS[1], window)
+    return 0
+end
+-- After a lowered limit the set may hold more hits than the limit, so the hit that has to
+-- leave the window is the (count - limit + 1)-th oldest, not always the oldest.
+local blocking = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+return math.max(1, tonumber(blocking[2]) + window - now)
+"""
+
+
+class RateLimitExceeded(RateLimited):
+    code = "rate_limited"
+
+    def __init__(self, retry_after_s: int, *, scope: str):
+        super().__init__(f"操作太频繁，请 {retry_after_s} 秒后再试。")
+        self.retry_after_s = retry_after_s
+        self.scope = scope
+
+
+def _key(scope: str, identity: str) -> str:
+    # Identities may be phone numbers, openids or user ids, so only a digest goes into Redis.
+    # NOTE: an unkeyed SHA-256 of a small space (IPv4 addresses, phone numbers) can be reversed
+    # by trying every value, so the digest only keeps raw values out of casual reads of a dump.
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    return f"{KEY_PREFIX}{scope}:{digest}"
+
+
+async def hit(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> None:
+    """Record one hit of `identity` in `scope`, or raise RateLimitExceeded if `limit` hits
+    were already allowed in the last `window_s` seconds.
+
+    Times come from backend.clock, so tests can move them, and every API host must keep its
+    clock in sync (NTP) because the hits of all hosts share one window.
+    """
+    if limit < 1 or window_s < 1:
+        raise ValueError(f"limit and window_s must be at least 1, got limit={limit} window_s={window_s}")
+
+    now_ms = int(clock.now().timestamp() * 1000)
+    member = f"{now_ms}:{secrets.token_hex(6)}"  # unique, so two hits in the same ms both count
+    wait_ms = await client.eval(_HIT_SCRIPT, 1, _key(scope, identity), now_ms, window_s * 1000, limit, member)
+    if not wait_ms:
+        return
+
+    # A hit recorded by a host whose clock ran ahead would give a wait longer than the window.
+    retry_after_s = min(window_s, max(1, math.ceil(int(wait_ms) / 1000)))
+    log.info("rate limit exceeded scope=%s limit=%d window_s=%d retry_after_s=%d", scope, limit, window_s, retry_after_s)
+    raise RateLimitExceeded(retry_after_s, scope=scope)
+
+
+def client_ip(request) -> str:
+    """Return the IP address of the client that sent `request` (a sanic.Request).
+
+    request.remote_addr is non-empty only when Sanic trusts a reverse proxy, which it does once
+    one of the settings FORWARDED_SECRET, REAL_IP_HEADER or PROXIES_COUNT is configured. Then it
+    is the address that proxy reports. Otherwise request.ip, the TCP peer, is the client.
+    Behind a proxy that Sanic does not trust, every client therefore shares the proxy's address.
+    """
+    return request.remote_addr or request.ip or UNKNOWN_CLIENT
+
+
+def client_network(request) -> str:
+    """Return the identity for per-IP limits: the IPv4 address, or the IPv6 /64 prefix.
+
+    IPv4-mapped IPv6 addresses count as IPv4. A value that is no IP address (a UNIX socket
+    name, or whatever a proxy wrote) is returned unchanged.
+    """
+    raw = client_ip(request).strip("[]")
+    try:
+        address = ipaddress.ip_address(raw)
+    except ValueError:
+        return raw
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/{IPV6_PREFIX_LENGTH}", strict=False))
+    return str(address)
