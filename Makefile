@@ -20,7 +20,7 @@ test: install
 	$(PY) -m pytest
 
 demo: install
-	$(PY) scripts/demo
+	$(PY) scripts/demo --base-url http://$${HOST:-127.0.0.1}:$${PORT:-8000}
 
 bench: install
 	$(PY) scripts/bench_match --workers 12000

@@ -23,14 +23,14 @@ def ratings_component(stars_sum: int, count: int) -> float:
     return round((average - 1.0) / 4.0 * 100.0, 2)
 
 
-async def recompute_credit(agency: Agency, reason: str) -> float:
+async def recompute_credit(agency: Agency, *, reason_code: str, reason: str) -> float:
     """Recompute and store the agency's score, with a history entry when it changed.
 
     Call inside a transaction that has locked the agency row, so that two ratings landing at
     once cannot both compute from a view that misses the other.
     """
     totals = (
-        await Rating.filter(agency_id=agency.id)
+        await Rating.filter(agency_id=agency.id, counted=True)
         .annotate(stars_sum=Sum("stars"), count=Count("id"))
         .first()
         .values("stars_sum", "count")
@@ -46,6 +46,7 @@ async def recompute_credit(agency: Agency, reason: str) -> float:
         await CreditEvent.create(
             agency=agency,
             score=score,
+            reason_code=reason_code,
             reason=reason,
             components={"ratings": component, "rating_count": count},
             at=clock.now(),
@@ -60,14 +61,19 @@ async def credit_report(agency: Agency) -> dict:
         "score": agency.credit_score,
         "components": latest,
         "history": [
-            {"score": event.score, "reason": event.reason, "at": clock.to_local_iso(event.at)}
+            {
+                "score": event.score,
+                "reason_code": event.reason_code,
+                "reason": event.reason,
+                "at": clock.to_local_iso(event.at),
+            }
             for event in events
         ],
     }
 
 
 async def ratings_summary(agency: Agency) -> dict:
-    rows = await Rating.filter(agency_id=agency.id).group_by("stars").annotate(n=Count("id")).values("stars", "n")
+    rows = await Rating.filter(agency_id=agency.id, counted=True).group_by("stars").annotate(n=Count("id")).values("stars", "n")
     distribution = {str(stars): 0 for stars in range(1, 6)}
     total = 0
     count = 0

@@ -11,6 +11,7 @@ ties between nearby workers, and credit and certificate level nudge further.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from search.base import SearchHit, SearchQuery, WorkerIndex
@@ -71,6 +72,7 @@ async def find_candidates(
     radius_m: int,
     count: int,
     exclude_worker_ids: frozenset[int] = frozenset(),
+    language: str | None = None,
 ) -> list[Candidate]:
     query = SearchQuery(
         lat=lat,
@@ -80,6 +82,11 @@ async def find_candidates(
         radius_m=radius_m,
         limit=max(CANDIDATE_POOL, count),
         exclude_worker_ids=exclude_worker_ids,
+        language=language,
     )
     hits = await index.search(query)
+    if not hits and language is not None:
+        # Nobody here speaks the language: help in another language beats no help, so the
+        # search falls back to every worker rather than widening the ring for it.
+        hits = await index.search(dataclasses.replace(query, language=None))
     return rank_candidates(hits, radius_m, count)

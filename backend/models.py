@@ -130,7 +130,8 @@ class CreditEvent(Model):
     id = fields.IntField(primary_key=True)
     agency = fields.ForeignKeyField("models.Agency", related_name="credit_events")
     score = fields.FloatField()
-    reason = fields.CharField(max_length=255)
+    reason_code = fields.CharField(max_length=32, default="rating")
+    reason = fields.CharField(max_length=255)  # Simplified Chinese, shown on the agency dashboard
     components = fields.JSONField(default=dict)
     at = fields.DatetimeField()
 
@@ -147,6 +148,8 @@ class Worker(Model):
     certificate_level = fields.CharEnumField(CertificateLevel, max_length=16)
     certificate_no = fields.CharField(max_length=64, unique=True)
     categories = fields.JSONField(default=list)
+    # Languages the worker speaks with residents, e.g. 普通话, 闽南语, English, 手语.
+    languages = fields.JSONField(default=lambda: ["普通话"])
     lat = fields.FloatField()
     lng = fields.FloatField()
     district = fields.ForeignKeyField("models.District", related_name="workers")
@@ -166,6 +169,7 @@ class ServiceRequest(Model):
     id = fields.IntField(primary_key=True)
     resident = fields.ForeignKeyField("models.User", related_name="service_requests")
     category = fields.CharField(max_length=32)
+    language = fields.CharField(max_length=32, null=True)  # a language the resident asks the worker to speak
     description = fields.TextField()
     address = fields.CharField(max_length=255)
     lat = fields.FloatField()
@@ -218,6 +222,10 @@ class Rating(Model):
     service_request = fields.OneToOneField("models.ServiceRequest", related_name="rating")
     worker = fields.ForeignKeyField("models.Worker", related_name="ratings")
     agency = fields.ForeignKeyField("models.Agency", related_name="ratings")
+    resident = fields.ForeignKeyField("models.User", related_name="ratings_given")
+    # Only a resident's latest rating of a worker counts toward averages and credit, so a
+    # worker cannot raise their own score through repeated jobs for one (possibly fake) account.
+    counted = fields.BooleanField(default=True)
     stars = fields.SmallIntField()
     comment = fields.TextField(null=True)
     created_at = fields.DatetimeField()
@@ -283,3 +291,28 @@ class ContentFlag(Model):
 
     class Meta:
         table = "content_flags"
+
+
+class IndexOutbox(Model):
+    """A change that the search index must pick up: one worker, or every worker of an agency.
+
+    Rows are written in the same transaction as the change, so a crash or an index outage
+    cannot lose it. backend.outbox applies them later from the database's current state.
+    Applied rows are kept for a day (backend.outbox.RETENTION_S) so a rebuild can replay the
+    changes that reached the old index while the new one was being built.
+    """
+
+    id = fields.BigIntField(primary_key=True)
+    kind = fields.CharField(max_length=16)  # "worker" or "agency"
+    target_id = fields.IntField()
+    created_at = fields.DatetimeField()
+    next_attempt_at = fields.DatetimeField()
+    attempts = fields.SmallIntField(default=0)
+    claimed_by = fields.CharField(max_length=32, null=True)
+    claimed_until = fields.DatetimeField(null=True)
+    applied_at = fields.DatetimeField(null=True)
+    last_error = fields.CharField(max_length=255, null=True)
+
+    class Meta:
+        table = "index_outbox"
+        indexes = (("applied_at", "next_attempt_at"), ("kind", "target_id"))

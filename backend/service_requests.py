@@ -1,23 +1,26 @@
-"""Service requests: creation with matching, accept, start, complete, rating and cancellation."""
+"""Service requests through their life: create, accept, start, complete, rate, cancel, withdraw."""
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from tortoise.exceptions import IntegrityError
 from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
-from backend import clock, credit
+from backend import clock, content_check, credit, dispatch, notifications, outbox
 from backend.catalog import CATEGORIES_BY_CODE, min_rank
 from backend.context import Services
 from backend.errors import Conflict, Forbidden, NotFound, ValidationError
 from backend.geo import haversine_m
 from backend.locations import Location
-from backend.matching import Candidate, find_candidates
+from backend.matching import Candidate
 from backend.models import (
+    CERTIFICATE_RANKS,
     Agency,
+    AgencyStatus,
+    DispatchEvent,
+    DispatchStage,
     Offer,
     OfferStatus,
     Rating,
@@ -27,9 +30,10 @@ from backend.models import (
     ServiceStation,
     User,
     Worker,
+    WorkerStatus,
 )
-from backend.workers import sync_agency_workers, sync_worker, worker_of
-from search.base import IndexUnavailable
+from backend.scheduling import check_worker_available, parse_preferred_window
+from backend.workers import parse_languages, worker_of
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ MAX_COMMENT_CHARS = 500
 MAX_SERVICE_MINUTES = 24 * 60
 
 CANCELLABLE = (RequestStatus.MATCHING, RequestStatus.OFFERED, RequestStatus.ACCEPTED)
+UNASSIGNED = (RequestStatus.MATCHING, RequestStatus.OFFERED)
 
 
 class AlreadyTaken(Conflict):
@@ -71,17 +76,32 @@ async def create_request(
     description: object,
     address: object,
     location: Location,
+    preferred_start: object = None,
+    preferred_end: object = None,
+    language: object = None,
 ) -> tuple[ServiceRequest, list[Candidate]]:
+    if Role.RESIDENT.value not in resident.roles:
+        raise Forbidden("请使用微信登录后以居民身份提出需求。", code="not_a_resident")
     if not isinstance(category, str) or category not in CATEGORIES_BY_CODE:
         raise ValidationError("请选择有效的服务类别。", field="category")
     description = _require_text(description, "description", MAX_DESCRIPTION_CHARS, "需求描述")
     address = _require_text(address, "address", MAX_ADDRESS_CHARS, "服务地址")
+    window_start, window_end = parse_preferred_window(preferred_start, preferred_end)
+    if language is not None:
+        try:
+            language = parse_languages([language])[0] if isinstance(language, str) else None
+        except ValidationError:
+            language = None
+        if language is None:
+            raise ValidationError("服务语言无效，请填写一种语言，例如「闽南语」。", field="language")
+    verdict = await content_check.screen(services, resident, description, field="description")
 
     now = clock.now()
     station = await _nearest_station(location)
     request = await ServiceRequest.create(
         resident=resident,
         category=category,
+        language=language,
         description=description,
         address=address,
         lat=location.lat,
@@ -89,69 +109,25 @@ async def create_request(
         district_id=location.district_code,
         station=station,
         status=RequestStatus.MATCHING,
+        preferred_start=window_start,
+        preferred_end=window_end,
         created_at=now,
         updated_at=now,
     )
+    await content_check.flag(verdict, "service_request.description", request.id, resident.id)
     log.info("service request created request_id=%s category=%s", request.id, category)
 
-    candidates = await match_request(services, request)
+    candidates = await dispatch.run_matching(services, request.id)
+    await request.refresh_from_db()
     return request, candidates
 
 
-async def match_request(services: Services, request: ServiceRequest) -> list[Candidate]:
-    """Find candidates and send them offers; leaves the request in `matching` when none answer."""
-    settings = services.settings
-    # A worker who asks for help as a resident is never offered their own request.
-    own_worker_ids = frozenset(await Worker.filter(user_id=request.resident_id).values_list("id", flat=True))
-    try:
-        candidates = await find_candidates(
-            services.index,
-            lat=request.lat,
-            lng=request.lng,
-            category=request.category,
-            min_certificate_rank=min_rank(request.category),
-            radius_m=settings.search_radius_m,
-            count=settings.offer_count,
-            exclude_worker_ids=own_worker_ids,
-        )
-    except IndexUnavailable:
-        # The request stays stored in `matching`; it is not lost, only not yet offered.
-        log.error("matching postponed, index unavailable request_id=%s", request.id)
-        return []
-    if not candidates:
-        log.info("no candidates request_id=%s", request.id)
-        return []
-
-    now = clock.now()
-    async with in_transaction():
-        moved = await ServiceRequest.filter(id=request.id, status=RequestStatus.MATCHING).update(
-            status=RequestStatus.OFFERED, updated_at=now
-        )
-        if moved == 0:
-            return []  # cancelled meanwhile
-        await Offer.bulk_create(
-            [
-                Offer(
-                    service_request_id=request.id,
-                    worker_id=candidate.hit.document.worker_id,
-                    distance_m=round(candidate.hit.distance_m),
-                    score=round(candidate.score, 4),
-                    ring=request.search_ring,
-                    created_at=now,
-                    expires_at=now + timedelta(seconds=settings.offer_ttl_s),
-                )
-                for candidate in candidates
-            ]
-        )
-    request.status = RequestStatus.OFFERED
-    log.info("offers sent request_id=%s workers=%s", request.id, len(candidates))
-    return candidates
-
-
 async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest, str]:
-    """Load a request with the caller's relation to it: resident, assigned, offered or officer.
+    """Load a request with the caller's relation to it.
 
-    Anyone else gets 404, so request ids reveal nothing about other residents.
+    Relations: resident, assigned (worker), offered (worker with an open or past offer),
+    station (staff of the request's station), officer. Anyone else gets 404, so request ids
+    reveal nothing about other residents.
     """
     request = await ServiceRequest.get_or_none(id=request_id).prefetch_related("station", "worker")
     if request is None:
@@ -166,7 +142,25 @@ async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest,
             return request, "assigned"
         if await Offer.exists(service_request_id=request.id, worker_id=worker.id):
             return request, "offered"
+    if Role.STATION_STAFF.value in user.roles and user.station_id and user.station_id == request.station_id:
+        return request, "station"
     raise NotFound("找不到该服务需求。")
+
+
+async def _notify_resident(request: ServiceRequest, kind: str) -> None:
+    await notifications.enqueue(
+        request.resident_id,
+        kind,
+        dedupe_key=f"{kind}:{request.id}:{clock.now().timestamp():.0f}",
+        service_request_id=request.id,
+        data={"category": request.category},
+    )
+
+
+async def _lock_worker(worker_id: int) -> None:
+    # PostgreSQL: row lock, so one worker's concurrent accepts check availability in turn.
+    # SQLite runs one write transaction at a time, and Tortoise skips FOR UPDATE there.
+    await Worker.select_for_update().filter(id=worker_id).first()
 
 
 async def accept_request(services: Services, user: User, request_id: int) -> ServiceRequest:
@@ -177,17 +171,27 @@ async def accept_request(services: Services, user: User, request_id: int) -> Ser
     offer = await Offer.get_or_none(service_request_id=request.id, worker_id=worker.id)
     if offer is None:
         raise Forbidden("您没有收到这个需求的派单。", code="not_offered")
+    if offer.status in (OfferStatus.DECLINED, OfferStatus.EXPIRED, OfferStatus.WITHDRAWN):
+        raise Conflict("这个派单已失效。", code="offer_expired")
 
     now = clock.now()
     async with in_transaction():
-        # The conditional UPDATE is the lock: of all concurrent accepts exactly one finds the
-        # request still `offered` and changes a row; select_for_update is a no-op on SQLite.
+        await _lock_worker(worker.id)
+        await check_worker_available(worker.id, request, services.settings.max_active_jobs)
+        # The conditional UPDATE is the lock on the request: of all concurrent accepts exactly
+        # one finds it still `offered` with this offer open and changes a row.
         won = await ServiceRequest.filter(id=request.id, status=RequestStatus.OFFERED).update(
             status=RequestStatus.ACCEPTED, worker_id=worker.id, accepted_at=now, updated_at=now
         )
         if won == 1:
-            await Offer.filter(id=offer.id).update(status=OfferStatus.ACCEPTED)
-            await Offer.filter(service_request_id=request.id).exclude(id=offer.id).update(status=OfferStatus.CLOSED)
+            opened = await Offer.filter(id=offer.id, status=OfferStatus.OPEN, expires_at__gt=now).update(
+                status=OfferStatus.ACCEPTED
+            )
+            if opened == 0:
+                raise _RollBack()
+            await Offer.filter(service_request_id=request.id, status=OfferStatus.OPEN).update(status=OfferStatus.CLOSED)
+            await DispatchEvent.create(service_request_id=request.id, kind="accepted", worker_id=worker.id, at=now)
+            await _notify_resident(request, "request_accepted")
 
     if won == 0:
         await request.refresh_from_db()
@@ -202,6 +206,49 @@ async def accept_request(services: Services, user: User, request_id: int) -> Ser
     return request
 
 
+class _RollBack(Conflict):
+    """The offer expired between the checks and the update: undo the accept."""
+
+    code = "offer_expired"
+    message = "这个派单已失效。"
+
+
+async def decline_offer(services: Services, user: User, request_id: int) -> None:
+    worker = await worker_of(user)
+    request, relation = await load_request_for(user, request_id)
+    if relation != "offered":
+        raise Forbidden("您没有收到这个需求的派单。", code="not_offered")
+    declined = await Offer.filter(
+        service_request_id=request.id, worker_id=worker.id, status=OfferStatus.OPEN
+    ).update(status=OfferStatus.DECLINED)
+    if declined:
+        await DispatchEvent.create(service_request_id=request.id, kind="declined", worker_id=worker.id, at=clock.now())
+        log.info("offer declined request_id=%s worker_id=%s", request.id, worker.id)
+        await dispatch.advance_if_exhausted(services, request.id)
+
+
+async def withdraw_request(services: Services, user: User, request_id: int) -> ServiceRequest:
+    """Give an accepted job back before it starts; it is matched again without this worker."""
+    worker, request = await _assigned_request(user, request_id)
+    now = clock.now()
+    async with in_transaction():
+        moved = await ServiceRequest.filter(id=request.id, worker_id=worker.id, status=RequestStatus.ACCEPTED).update(
+            status=RequestStatus.MATCHING, worker_id=None, accepted_at=None, updated_at=now
+        )
+        if moved:
+            await Offer.filter(service_request_id=request.id, worker_id=worker.id).update(status=OfferStatus.WITHDRAWN)
+            await DispatchEvent.create(service_request_id=request.id, kind="withdrawn", worker_id=worker.id, at=now)
+    if not moved:
+        raise Conflict("只有已接单、尚未开始的服务可以退回。", code="invalid_status")
+    log.info("job withdrawn request_id=%s worker_id=%s", request.id, worker.id)
+
+    await request.refresh_from_db()
+    if request.stage == DispatchStage.RING:
+        await dispatch.run_matching(services, request.id)
+        await request.refresh_from_db()
+    return request
+
+
 async def _assigned_request(user: User, request_id: int) -> tuple[Worker, ServiceRequest]:
     worker = await worker_of(user)
     request, relation = await load_request_for(user, request_id)
@@ -210,21 +257,33 @@ async def _assigned_request(user: User, request_id: int) -> tuple[Worker, Servic
     return worker, request
 
 
-async def start_request(services: Services, user: User, request_id: int) -> ServiceRequest:
+async def start_request(services: Services, user: User, request_id: int, *, location: Location) -> ServiceRequest:
+    """Start the service on site: the worker's location must be within CHECKIN_RADIUS_M of it."""
     worker, request = await _assigned_request(user, request_id)
+    distance_m = haversine_m(location.lat, location.lng, request.lat, request.lng)
+    if request.status == RequestStatus.ACCEPTED and distance_m > services.settings.checkin_radius_m:
+        raise Conflict(
+            f"您距离服务地点约 {round(distance_m)} 米，请到达后（{services.settings.checkin_radius_m} 米内）再开始服务。",
+            field="location",
+            code="too_far_to_check_in",
+        )
     now = clock.now()
-    moved = await ServiceRequest.filter(id=request.id, worker_id=worker.id, status=RequestStatus.ACCEPTED).update(
-        status=RequestStatus.IN_SERVICE, started_at=now, updated_at=now
-    )
+    async with in_transaction():
+        moved = await ServiceRequest.filter(id=request.id, worker_id=worker.id, status=RequestStatus.ACCEPTED).update(
+            status=RequestStatus.IN_SERVICE, started_at=now, checkin_lat=location.lat, checkin_lng=location.lng,
+            updated_at=now,
+        )
+        if moved:
+            await _notify_resident(request, "request_started")
     await request.refresh_from_db()
     if moved == 0 and request.status != RequestStatus.IN_SERVICE:
         raise Conflict("只有已接单的需求可以开始服务。", code="invalid_status")
-    log.info("service started request_id=%s worker_id=%s", request.id, worker.id)
+    log.info("service started request_id=%s worker_id=%s distance_m=%s", request.id, worker.id, round(distance_m))
     return request
 
 
 async def complete_request(
-    services: Services, user: User, request_id: int, *, service_minutes: object, summary: object
+    services: Services, user: User, request_id: int, *, service_minutes: object, summary: object, location: Location
 ) -> ServiceRequest:
     if isinstance(service_minutes, bool) or not isinstance(service_minutes, int):
         raise ValidationError("请填写服务时长（分钟，整数）。", field="service_minutes")
@@ -233,17 +292,27 @@ async def complete_request(
     summary = _require_text(summary, "summary", MAX_SUMMARY_CHARS, "服务小结")
 
     worker, request = await _assigned_request(user, request_id)
+    verdict = await content_check.screen(services, user, summary, field="summary")
     now = clock.now()
-    moved = await ServiceRequest.filter(id=request.id, worker_id=worker.id, status=RequestStatus.IN_SERVICE).update(
-        status=RequestStatus.COMPLETED,
-        completed_at=now,
-        updated_at=now,
-        service_minutes=service_minutes,
-        summary=summary,
-    )
+    async with in_transaction():
+        moved = await ServiceRequest.filter(
+            id=request.id, worker_id=worker.id, status=RequestStatus.IN_SERVICE
+        ).update(
+            status=RequestStatus.COMPLETED,
+            completed_at=now,
+            completion_lat=location.lat,
+            completion_lng=location.lng,
+            updated_at=now,
+            service_minutes=service_minutes,
+            summary=summary,
+        )
+        if moved:
+            await _notify_resident(request, "request_completed")
     await request.refresh_from_db()
     if moved == 0 and request.status != RequestStatus.COMPLETED:
         raise Conflict("只有服务中的需求可以完成。", code="invalid_status")
+    if moved:
+        await content_check.flag(verdict, "service_request.summary", request.id, user.id)
     log.info("service completed request_id=%s worker_id=%s", request.id, worker.id)
     return request
 
@@ -263,32 +332,49 @@ async def rate_request(services: Services, user: User, request_id: int, *, stars
         raise Forbidden("只有提出需求的居民可以评价。", code="not_request_resident")
     if request.status != RequestStatus.COMPLETED:
         raise Conflict("服务完成后才能评价。", code="invalid_status")
+    # Proof of service: only a visit checked in on site and closed with a location is rated.
+    if request.checkin_lat is None or request.completion_lat is None:
+        raise Conflict("这次服务缺少签到记录，无法评价，请联系服务站。", code="service_not_verified")
+    verdict = await content_check.screen(services, user, comment, field="comment") if comment else "pass"
 
     worker = await Worker.get(id=request.worker_id)
     try:
         async with in_transaction():
             # Lock the agency row (PostgreSQL) so concurrent ratings recompute credit in turn.
             agency = await Agency.select_for_update().get(id=worker.agency_id)
+            previous = await Rating.filter(resident_id=user.id, worker_id=worker.id, counted=True).first()
             rating = await Rating.create(
                 service_request=request,
                 worker=worker,
                 agency=agency,
+                resident=user,
                 stars=stars,
                 comment=comment,
                 created_at=clock.now(),
             )
-            await Worker.filter(id=worker.id).update(
-                rating_sum=F("rating_sum") + stars, rating_count=F("rating_count") + 1
-            )
+            if previous is None:
+                await Worker.filter(id=worker.id).update(
+                    rating_sum=F("rating_sum") + stars, rating_count=F("rating_count") + 1
+                )
+            else:
+                # The resident rated this worker before: the new rating replaces the old one.
+                await Rating.filter(id=previous.id).update(counted=False)
+                await Worker.filter(id=worker.id).update(rating_sum=F("rating_sum") + (stars - previous.stars))
             old_credit = agency.credit_score
-            new_credit = await credit.recompute_credit(agency, reason=f"rating of service request {request.id}")
+            new_credit = await credit.recompute_credit(
+                agency, reason_code="rating", reason=f"服务需求 {request.id} 获得 {stars} 星评价"
+            )
+            # The index row changes with the database, in the same transaction, so it cannot drift.
+            await outbox.record_worker_change(worker.id)
+            if new_credit != old_credit:
+                await outbox.record_agency_change(agency.id)
     except IntegrityError:
         raise Conflict("您已经评价过这次服务。", code="already_rated") from None
 
+    await content_check.flag(verdict, "rating.comment", rating.id, user.id)
     log.info("request rated request_id=%s stars=%s agency_id=%s", request.id, stars, agency.id)
-    await sync_worker(services.index, worker.id)
-    if new_credit != old_credit:
-        await sync_agency_workers(services.index, agency.id)
+    # The rated worker now; the agency's other workers at the scheduler's next step.
+    await outbox.apply_pending(services, worker_ids=[worker.id])
     return rating
 
 
@@ -297,25 +383,105 @@ async def cancel_request(services: Services, user: User, request_id: int) -> Ser
     if relation != "resident":
         raise Forbidden("只有提出需求的居民可以取消。", code="not_request_resident")
     now = clock.now()
+    assigned_worker_id = request.worker_id
     async with in_transaction():
         moved = await ServiceRequest.filter(id=request.id, status__in=list(CANCELLABLE)).update(
             status=RequestStatus.CANCELLED, cancelled_at=now, updated_at=now
         )
         if moved:
             await Offer.filter(service_request_id=request.id, status=OfferStatus.OPEN).update(status=OfferStatus.CLOSED)
+            await DispatchEvent.create(service_request_id=request.id, kind="cancelled", at=now)
+            await request.refresh_from_db()
+            if request.worker_id is not None:
+                worker_user_id = (await Worker.get(id=request.worker_id)).user_id
+                await notifications.enqueue(
+                    worker_user_id,
+                    "request_cancelled",
+                    dedupe_key=f"cancelled:{request.id}",
+                    service_request_id=request.id,
+                    data={"category": request.category},
+                )
     await request.refresh_from_db()
     if moved == 0 and request.status != RequestStatus.CANCELLED:
         raise Conflict("服务已开始或已结束，无法取消。", code="invalid_status")
-    log.info("request cancelled request_id=%s", request.id)
+    log.info("request cancelled request_id=%s assigned_worker_id=%s", request.id, assigned_worker_id)
     return request
 
 
 async def open_offers(user: User) -> list[tuple[Offer, ServiceRequest]]:
     worker = await worker_of(user)
     offers = (
-        await Offer.filter(worker_id=worker.id, status=OfferStatus.OPEN, service_request__status=RequestStatus.OFFERED)
+        await Offer.filter(
+            worker_id=worker.id,
+            status=OfferStatus.OPEN,
+            expires_at__gt=clock.now(),
+            service_request__status=RequestStatus.OFFERED,
+        )
         .prefetch_related("service_request__station")
         .order_by("-id")
         .limit(50)
     )
     return [(offer, offer.service_request) for offer in offers]
+
+
+def _may_manage_station(user: User, station_id: int | None) -> bool:
+    if Role.OFFICER.value in user.roles:
+        return True
+    return Role.STATION_STAFF.value in user.roles and station_id is not None and user.station_id == station_id
+
+
+async def station_queue(user: User, station_id: int) -> list[ServiceRequest]:
+    if not await ServiceStation.exists(id=station_id):
+        raise NotFound("找不到该服务站。")
+    if not _may_manage_station(user, station_id):
+        raise Forbidden("只有本服务站工作人员和民政部门可以查看。")
+    return (
+        await ServiceRequest.filter(
+            station_id=station_id, stage=DispatchStage.STATION_QUEUE, status=RequestStatus.MATCHING
+        )
+        .prefetch_related("station")
+        .order_by("created_at")
+        .limit(200)
+    )
+
+
+async def assign_worker(services: Services, user: User, request_id: int, worker_id: object) -> ServiceRequest:
+    """Assign a worker directly (station staff of the request's station, or officers)."""
+    if isinstance(worker_id, bool) or not isinstance(worker_id, int) or not 1 <= worker_id <= 2**31 - 1:
+        raise ValidationError("请选择要指派的社工。", field="worker_id")
+    request = await ServiceRequest.get_or_none(id=request_id)
+    if request is None or not _may_manage_station(user, request.station_id):
+        raise NotFound("找不到该服务需求。")
+    worker = await Worker.get_or_none(id=worker_id).prefetch_related("agency")
+    if worker is None:
+        raise ValidationError("找不到该社工。", field="worker_id", code="worker_not_found")
+    if worker.status != WorkerStatus.VERIFIED or worker.agency.status != AgencyStatus.APPROVED:
+        raise Conflict("该社工尚未通过审核或所属机构不可接单。", field="worker_id", code="worker_not_matchable")
+    if request.category not in worker.categories or CERTIFICATE_RANKS[worker.certificate_level.value] < min_rank(
+        request.category
+    ):
+        raise Conflict("该社工不提供此类服务或证书等级不足。", field="worker_id", code="worker_not_qualified")
+
+    now = clock.now()
+    async with in_transaction():
+        await _lock_worker(worker.id)
+        await check_worker_available(worker.id, request, services.settings.max_active_jobs)
+        moved = await ServiceRequest.filter(id=request.id, status__in=list(UNASSIGNED)).update(
+            status=RequestStatus.ACCEPTED, worker_id=worker.id, accepted_at=now, updated_at=now
+        )
+        if moved:
+            await Offer.filter(service_request_id=request.id, status=OfferStatus.OPEN).update(status=OfferStatus.CLOSED)
+            await DispatchEvent.create(service_request_id=request.id, kind="assigned", worker_id=worker.id, at=now)
+            await notifications.enqueue(
+                worker.user_id,
+                "offer_new",
+                dedupe_key=f"assigned:{request.id}:{worker.id}:{now.timestamp():.0f}",
+                service_request_id=request.id,
+                data={"category": request.category, "assigned": True},
+            )
+            await _notify_resident(request, "request_accepted")
+    if not moved:
+        raise Conflict("该需求已有社工接单或已结束。", code="invalid_status")
+    log.info("worker assigned request_id=%s worker_id=%s by_user_id=%s", request.id, worker.id, user.id)
+    await request.refresh_from_db()
+    return request

@@ -116,6 +116,7 @@ class Settings:
             offer_ttl_s=_read_int(env, "OFFER_TTL_S", 600, 1, 24 * 3600),
             checkin_radius_m=_read_int(env, "CHECKIN_RADIUS_M", 500, 10, 10_000),
             max_active_jobs=_read_int(env, "MAX_ACTIVE_JOBS", 3, 1, 50),
+            scheduler_interval_s=_read_int(env, "SCHEDULER_INTERVAL_MS", 1000, 50, 60_000) / 1000,
             content_check=env.get("WECHAT_CONTENT_CHECK", "0") == "1",
             template_offer=env.get("WECHAT_TEMPLATE_OFFER", ""),
             template_request_status=env.get("WECHAT_TEMPLATE_REQUEST_STATUS", ""),

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
+
+from collections.abc import AsyncIterator
 
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from backend import accounts, clock
+from backend import accounts, clock, outbox
 from backend.catalog import CATEGORIES_BY_CODE, min_rank
 from backend.context import Services
 from backend.errors import Conflict, Forbidden, NotFound, ValidationError
@@ -17,18 +20,29 @@ from backend.models import (
     CERTIFICATE_RANKS,
     Agency,
     AgencyStatus,
+    Offer,
+    OfferStatus,
     Role,
     User,
     Worker,
     WorkerStatus,
 )
-from search.base import IndexUnavailable, WorkerDocument, WorkerIndex
+from search.base import (
+    DEFAULT_LANGUAGES,
+    IndexUnavailable,
+    InvalidDocument,
+    WorkerDocument,
+    WorkerIndex,
+    validate_document,
+)
 
 log = logging.getLogger(__name__)
 
 MIN_SERVICE_RADIUS_M = 500
 MAX_SERVICE_RADIUS_M = 20_000
-INDEX_READY_KEY = "linli:index-built"
+MAX_LANGUAGES = 10
+MAX_LANGUAGE_CHARS = 32
+_REBUILD_BATCH = 1000
 
 
 def document_for(worker: Worker, agency: Agency) -> WorkerDocument:
@@ -43,59 +57,104 @@ def document_for(worker: Worker, agency: Agency) -> WorkerDocument:
         agency_id=agency.id,
         agency_credit=agency.credit_score,
         district_code=worker.district_id,
-        matchable=(
-            worker.status == WorkerStatus.VERIFIED
-            and worker.on_duty
-            and agency.status == AgencyStatus.APPROVED
-        ),
+        verified=worker.status == WorkerStatus.VERIFIED,
+        on_duty=worker.on_duty,
+        agency_status=agency.status.value,
+        languages=tuple(worker.languages or DEFAULT_LANGUAGES),
+        name=worker.name,
     )
 
 
 async def sync_worker(index: WorkerIndex, worker_id: int) -> None:
-    """Write the worker's current database state to the index.
+    """Write the worker's current database state to the index now.
 
-    NOTE: a failed write is only logged; the worker is repaired by the next write or by the
-    rebuild at start. An outbox that retries until the index answers is still to come.
+    When the index is unreachable or fails, an outbox row is recorded instead, so the scheduler's
+    outbox.apply_pending() writes the worker once the index is back. Service functions record
+    the outbox row inside their own transaction instead of calling this after it.
     """
-    worker = await Worker.get_or_none(id=worker_id).prefetch_related("agency")
     try:
-        if worker is None:
-            await index.remove(worker_id)
-        else:
-            await index.upsert(document_for(worker, worker.agency))
-    except IndexUnavailable:
-        log.error("index out of step with the database worker_id=%s", worker_id)
+        await outbox.write_workers(index, [worker_id])
+    except IndexUnavailable as exc:
+        log.warning("index write postponed to the outbox worker_id=%s error=%s", worker_id, exc)
+        await outbox.record_worker_change(worker_id)
 
 
 async def sync_agency_workers(index: WorkerIndex, agency_id: int) -> None:
-    for worker_id in await Worker.filter(agency_id=agency_id).values_list("id", flat=True):
-        await sync_worker(index, worker_id)
+    """Write every worker of the agency to the index now, or record the change in the outbox."""
+    worker_ids = await Worker.filter(agency_id=agency_id).order_by("id").values_list("id", flat=True)
+    try:
+        await outbox.write_workers(index, list(worker_ids))
+    except IndexUnavailable as exc:
+        log.warning("index write postponed to the outbox agency_id=%s error=%s", agency_id, exc)
+        await outbox.record_agency_change(agency_id)
+
+
+async def _document_batches(batch_size: int = _REBUILD_BATCH) -> AsyncIterator[list[WorkerDocument]]:
+    """Yield every worker's document in id order, leaving out invalid ones (logged)."""
+    agencies = {agency.id: agency for agency in await Agency.all()}
+    last_id = 0
+    while True:
+        workers = await Worker.filter(id__gt=last_id).order_by("id").limit(batch_size)
+        if not workers:
+            return
+        last_id = workers[-1].id
+        batch = []
+        for worker in workers:
+            agency = agencies.get(worker.agency_id) or await Agency.get(id=worker.agency_id)
+            document = document_for(worker, agency)
+            try:
+                validate_document(document)
+            except InvalidDocument as exc:
+                log.error("worker left out of the rebuild, invalid document worker_id=%s error=%s", worker.id, exc)
+                continue
+            batch.append(document)
+        yield batch
 
 
 async def rebuild_index(services: Services) -> int:
-    """Replace the index contents with every worker in the database; return the count."""
-    await services.index.clear()
-    agencies = {agency.id: agency for agency in await Agency.all()}
-    count = 0
-    batch_size = 1000
-    offset = 0
-    while True:
-        workers = await Worker.all().order_by("id").offset(offset).limit(batch_size)
-        if not workers:
-            break
-        for worker in workers:
-            await services.index.upsert(document_for(worker, agencies[worker.agency_id]))
-        count += len(workers)
-        offset += batch_size
-    await services.redis.set(INDEX_READY_KEY, "1")
-    log.info("search index rebuilt workers=%s", count)
+    """Build a new index from every worker in the database, switch to it, and return the count.
+
+    Searches keep using the old index until the switch. Changes applied to the old index
+    while the new one was built are recorded again in the outbox, because the new one may
+    have read those workers before the change.
+    """
+    started_at = clock.now()
+    count = await services.index.replace_all(_document_batches())
+    replayed = await outbox.requeue_applied_since(started_at)
+    log.info("search index rebuilt workers=%s changes_replayed=%s", count, replayed)
     return count
 
 
-async def ensure_index(services: Services) -> None:
-    """Build the index from the database when this Redis has none (a fresh embedded server)."""
-    if not await services.redis.exists(INDEX_READY_KEY):
-        await rebuild_index(services)
+async def ensure_index(services: Services) -> bool:
+    """Apply the index settings, and build the index from the database when it was never built.
+
+    Returns False, after logging, when the index is unreachable. The process still starts,
+    requests wait in `matching`, and `scripts/reindex` or the next start builds the index.
+    """
+    try:
+        await services.index.ensure_ready()
+        if not await services.index.is_built():
+            await rebuild_index(services)
+    except IndexUnavailable as exc:
+        log.error("search index not ready at start error=%s", exc)
+        return False
+    return True
+
+
+def parse_languages(raw: object) -> list[str]:
+    """Validate the languages a worker lists; None gives the default, 普通话."""
+    if raw is None:
+        return list(DEFAULT_LANGUAGES)
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_LANGUAGES:
+        raise ValidationError(f"请填写 1 到 {MAX_LANGUAGES} 种服务语言。", field="languages")
+    languages: list[str] = []
+    for item in raw:
+        value = item.strip() if isinstance(item, str) else ""
+        if not value or len(value) > MAX_LANGUAGE_CHARS or any(c in value for c in "|,") or not value.isprintable():
+            raise ValidationError(f"服务语言无效：{item}。", field="languages")
+        if value not in languages:
+            languages.append(value)
+    return languages
 
 
 def _parse_categories(raw: object, certificate_level: str) -> list[str]:
@@ -113,6 +172,11 @@ def _parse_categories(raw: object, certificate_level: str) -> list[str]:
     return categories
 
 
+def normalize_certificate_no(raw: str) -> str:
+    """Fold full-width characters, case and spaces, so one certificate cannot register twice."""
+    return "".join(unicodedata.normalize("NFKC", raw).split()).upper()
+
+
 async def register_worker(
     services: Services,
     user: User,
@@ -124,10 +188,15 @@ async def register_worker(
     categories: object,
     location: Location,
     service_radius_m: int,
+    languages: object = None,
 ) -> Worker:
     if certificate_level not in CERTIFICATE_RANKS:
         raise ValidationError("证书等级只能是 assistant、intermediate 或 senior。", field="certificate_level")
+    certificate_no = normalize_certificate_no(certificate_no)
+    if not certificate_no:
+        raise ValidationError("证书编号格式不正确。", field="certificate_no")
     parsed_categories = _parse_categories(categories, certificate_level)
+    parsed_languages = parse_languages(languages)
     if not MIN_SERVICE_RADIUS_M <= service_radius_m <= MAX_SERVICE_RADIUS_M:
         raise ValidationError(
             f"服务半径需在 {MIN_SERVICE_RADIUS_M} 到 {MAX_SERVICE_RADIUS_M} 米之间。", field="service_radius_m"
@@ -149,30 +218,36 @@ async def register_worker(
                 certificate_level=certificate_level,
                 certificate_no=certificate_no,
                 categories=parsed_categories,
+                languages=parsed_languages,
                 lat=location.lat,
                 lng=location.lng,
                 district_id=location.district_code,
                 service_radius_m=service_radius_m,
             )
             await accounts.grant_role(user, Role.WORKER)
+            await outbox.record_worker_change(worker.id)
     except IntegrityError:
         # A concurrent registration with the same user or certificate number won.
         raise Conflict("该证书编号或账号已被登记。", field="certificate_no", code="certificate_no_taken") from None
 
-    await sync_worker(services.index, worker.id)
+    await outbox.apply_pending(services, worker_ids=[worker.id])
     log.info("worker registered worker_id=%s agency_id=%s", worker.id, agency.id)
     return worker
 
 
-async def verify_worker(services: Services, worker_id: int) -> Worker:
+async def verify_worker(services: Services, worker_id: int, officer: User | None = None) -> Worker:
     worker = await Worker.get_or_none(id=worker_id)
     if worker is None:
         raise NotFound("找不到该社工。")
+    if officer is not None and worker.user_id == officer.id:
+        raise Forbidden("不能审核自己的社工证书，请由其他工作人员审核。", code="self_review")
     if worker.status != WorkerStatus.VERIFIED:
         worker.status = WorkerStatus.VERIFIED
         worker.verified_at = clock.now()
-        await worker.save(update_fields=["status", "verified_at"])
-        await sync_worker(services.index, worker.id)
+        async with in_transaction():
+            await worker.save(update_fields=["status", "verified_at"])
+            await outbox.record_worker_change(worker.id)
+        await outbox.apply_pending(services, worker_ids=[worker.id])
         log.info("worker verified worker_id=%s", worker.id)
     return worker
 
@@ -189,11 +264,32 @@ async def set_duty(services: Services, user: User, *, on_duty: bool, location: L
     worker = await worker_of(user)
     if on_duty and worker.status != WorkerStatus.VERIFIED:
         raise Conflict("您的证书尚未通过审核，暂不能接单。", field="on_duty", code="worker_not_verified")
+    if on_duty and (await Agency.get(id=worker.agency_id)).status != AgencyStatus.APPROVED:
+        raise Conflict("您所属的服务机构尚未通过备案或已暂停，暂不能接单。", field="on_duty", code="agency_not_approved")
     worker.on_duty = on_duty
     update_fields = ["on_duty"]
     if location is not None:
         worker.lat, worker.lng, worker.district_id = location.lat, location.lng, location.district_code
         update_fields += ["lat", "lng", "district_id"]
-    await worker.save(update_fields=update_fields)
-    await sync_worker(services.index, worker.id)
+    async with in_transaction():
+        await worker.save(update_fields=update_fields)
+        await outbox.record_worker_change(worker.id)
+    await outbox.apply_pending(services, worker_ids=[worker.id])
+    if not on_duty:
+        await _decline_open_offers(services, worker.id)
     return worker
+
+
+async def _decline_open_offers(services: Services, worker_id: int) -> None:
+    """Decline a worker's open offers when they go off duty, so those requests move on at once."""
+    from backend import dispatch
+
+    request_ids = await Offer.filter(worker_id=worker_id, status=OfferStatus.OPEN).values_list(
+        "service_request_id", flat=True
+    )
+    if not request_ids:
+        return
+    await Offer.filter(worker_id=worker_id, status=OfferStatus.OPEN).update(status=OfferStatus.DECLINED)
+    for request_id in request_ids:
+        await dispatch.advance_if_exhausted(services, request_id)
+    log.info("offers declined on going off duty worker_id=%s count=%s", worker_id, len(request_ids))

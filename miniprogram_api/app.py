@@ -9,14 +9,22 @@ from contextvars import ContextVar
 
 from sanic import Request, Sanic
 
-from backend import accounts, workers
+from backend import accounts, scheduler, workers
 from backend.context import Services
 from backend.db import close_db, init_db
 from backend.redis_client import open_redis
 from backend.settings import Settings
-from miniprogram_api import routes_agencies, routes_public, routes_requests, routes_workers
+from miniprogram_api import (
+    routes_admin,
+    routes_agencies,
+    routes_content,
+    routes_public,
+    routes_requests,
+    routes_stations,
+    routes_workers,
+)
 from miniprogram_api.errors import EnvelopeErrorHandler
-from search.redis_geo import RedisGeoIndex
+from search import build_index
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,7 @@ async def build_services(settings: Settings) -> Services:
         raise RuntimeError("REDIS_URL is unset: start through `python -m miniprogram_api`, which embeds a server")
     await init_db(settings.database_url, global_fallback=True)
     client = open_redis(settings.redis_url)
-    return Services(settings=settings, redis=client, index=RedisGeoIndex(client), wechat=WeChatGateway(settings))
+    return Services(settings=settings, redis=client, index=build_index(settings, client), wechat=WeChatGateway(settings))
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Sanic:
@@ -61,7 +69,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.ctx.settings = settings
     app.ctx.services = services
 
-    for module in (routes_public, routes_workers, routes_requests, routes_agencies):
+    for module in (routes_public, routes_workers, routes_requests, routes_agencies, routes_stations, routes_admin,
+                   routes_content):
         app.blueprint(module.bp)
 
     @app.on_request
@@ -85,8 +94,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 await accounts.ensure_officer(settings.officer_username, settings.officer_password)
             await workers.ensure_index(app.ctx.services)
 
+        @app.after_server_start
+        async def start_scheduler(app: Sanic):
+            app.add_task(scheduler.run_forever(app.ctx.services, settings.scheduler_interval_s), name="scheduler")
+
+        @app.before_server_stop
+        async def stop_scheduler(app: Sanic):
+            await app.cancel_task("scheduler", raise_exception=False)
+
         @app.after_server_stop
         async def close_resources(app: Sanic):
+            await app.ctx.services.index.aclose()
             await app.ctx.services.redis.aclose()
             await close_db()
 

@@ -57,9 +57,10 @@ class EnvelopeErrorHandler(ErrorHandler):
         request_id = getattr(request.ctx, "request_id", "-") if request else "-"
         if isinstance(exception, (RedisError, DBConnectionError, OperationalError)):
             # A backing server is down or overloaded: the client may retry, nothing was lost.
+            # Only the class is logged, because a driver's message can quote the values sent.
             log.error(
-                "backing service failed request_id=%s path=%s error=%s: %s",
-                request_id, request.path if request else "-", type(exception).__name__, exception,
+                "backing service failed request_id=%s path=%s error=%s",
+                request_id, request.path if request else "-", type(exception).__name__,
             )
             return envelope(503, "service_unavailable", "服务暂时不可用，请稍后再试。")
         log.exception("unhandled error request_id=%s path=%s", request_id, request.path if request else "-")

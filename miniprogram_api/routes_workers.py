@@ -11,7 +11,7 @@ from backend.errors import ValidationError
 from backend.locations import parse_location
 from backend.models import Role
 from miniprogram_api.auth import authenticated
-from miniprogram_api.bodies import json_body, path_id, required
+from miniprogram_api.bodies import MAX_ID, json_body, path_id, required
 from miniprogram_api.schemas import DutyBody, WorkerRegistrationBody
 from miniprogram_api.views import offer_view
 
@@ -28,6 +28,8 @@ MAX_CERTIFICATE_NO_CHARS = 64
 async def register_worker(request: Request):
     body = json_body(request)
     agency_id = required(body, "agency_id", int, "服务机构")
+    if not 1 <= agency_id <= MAX_ID:
+        raise ValidationError("所选服务机构不存在。", field="agency_id", code="agency_not_found")
     name = required(body, "name", str, "姓名").strip()
     if not name or len(name) > MAX_NAME_CHARS:
         raise ValidationError(f"姓名需为 1 到 {MAX_NAME_CHARS} 个字。", field="name")
@@ -48,6 +50,7 @@ async def register_worker(request: Request):
         categories=body.get("categories"),
         location=location,
         service_radius_m=service_radius_m,
+        languages=body.get("languages"),
     )
     return json({"id": worker.id, "status": worker.status.value}, status=201)
 
@@ -76,5 +79,5 @@ async def list_offers(request: Request):
 @openapi.summary("Verify a worker's certificate (civil-affairs officer)")
 @authenticated(Role.OFFICER)
 async def verify_worker(request: Request, worker_id: str):
-    worker = await workers.verify_worker(request.app.ctx.services, path_id(worker_id, "社工"))
+    worker = await workers.verify_worker(request.app.ctx.services, path_id(worker_id, "社工"), request.ctx.user)
     return json({"id": worker.id, "status": worker.status.value})

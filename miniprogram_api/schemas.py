@@ -32,6 +32,7 @@ class WorkerRegistrationBody:
     categories: list[str]
     location: LocationBody
     service_radius_m: int
+    languages: list[str] | None = None  # e.g. ["普通话", "闽南语"]; default ["普通话"]
 
 
 @dataclass
@@ -46,15 +47,29 @@ class ServiceRequestBody:
     description: str
     address: str
     location: LocationBody
+    preferred_start: str | None = None  # ISO-8601 with offset, e.g. 2026-12-05T09:00:00+08:00
+    preferred_end: str | None = None
+    language: str | None = None  # a language the worker should speak, e.g. "闽南语"
 
 
 @dataclass
 class CompleteBody:
     service_minutes: int
     summary: str
+    location: LocationBody
 
 
 @dataclass
 class RatingBody:
     stars: int
     comment: str | None = None
+
+
+@dataclass
+class CheckInBody:
+    location: LocationBody
+
+
+@dataclass
+class AssignBody:
+    worker_id: int

@@ -5,22 +5,32 @@ from __future__ import annotations
 from backend import clock
 from backend.catalog import CATEGORIES_BY_CODE
 from backend.matching import Candidate, smoothed_rating
-from backend.models import Offer, ServiceRequest, User, Worker
+from backend.models import DispatchEvent, DispatchStage, Offer, RequestStatus, ServiceRequest, User, Worker
 
 
 def user_view(user: User) -> dict:
     return {"id": user.id, "roles": list(user.roles)}
 
 
+# Distances shown to residents and workers are rounded to this many metres, so that a few
+# requests cannot place a worker (or a worker place a resident) by trilateration.
+SHOWN_DISTANCE_STEP_M = 100
+
+
+def shown_distance(metres: float) -> int:
+    return max(SHOWN_DISTANCE_STEP_M, round(metres / SHOWN_DISTANCE_STEP_M) * SHOWN_DISTANCE_STEP_M)
+
+
 def candidate_view(candidate: Candidate) -> dict:
     document = candidate.hit.document
     return {
         "worker_id": document.worker_id,
-        "distance_m": round(candidate.hit.distance_m),
+        "distance_m": shown_distance(candidate.hit.distance_m),
         "certificate_level": ("assistant", "intermediate", "senior")[document.certificate_rank],
         "rating": round(document.rating, 2),
         "agency_id": document.agency_id,
-        "score": round(candidate.score, 4),
+        # Two decimals: a finer score would give the distance away, as above.
+        "score": round(candidate.score, 2),
     }
 
 
@@ -37,12 +47,32 @@ def _street(request: ServiceRequest) -> dict | None:
     return {"code": station.street_code, "name": station.street_name, "station_id": station.id}
 
 
+def stage_view(request: ServiceRequest, radii_m: tuple[int, ...]) -> dict | None:
+    """Describe where an unassigned request is being searched for, in words a resident can read."""
+    if request.status not in (RequestStatus.MATCHING, RequestStatus.OFFERED):
+        return None
+    if request.stage == DispatchStage.STATION_QUEUE:
+        station_name = request.station.name if request.station else "所在街道服务站"
+        return {"name": "station_queue", "label": f"附近暂无社工接单，已转交{station_name}为您人工安排"}
+    ring = min(request.search_ring, len(radii_m))
+    radius_km = radii_m[ring - 1] / 1000
+    return {
+        "name": "ring",
+        "ring": ring,
+        "rings": len(radii_m),
+        "radius_m": radii_m[ring - 1],
+        "label": f"正在为您联系 {radius_km:g} 公里内的社工",
+    }
+
+
 def request_view(request: ServiceRequest, relation: str, *, worker: Worker | None = None,
-                 candidates: list[dict] | None = None) -> dict:
+                 candidates: list[dict] | None = None, events: list[DispatchEvent] | None = None,
+                 radii_m: tuple[int, ...] = (5000,)) -> dict:
     """Render a request for one viewer.
 
-    Offered workers see the category, street and district only: never the address, the
-    description or the resident. The resident, the assigned worker and officers see it all.
+    Offered workers see the category, street, district and preferred time only: never the
+    address, the description or the resident. The resident, the assigned worker, the staff of
+    the request's station and officers see it all.
     """
     category = CATEGORIES_BY_CODE[request.category]
     view = {
@@ -50,13 +80,18 @@ def request_view(request: ServiceRequest, relation: str, *, worker: Worker | Non
         "status": request.status.value,
         "category": request.category,
         "category_name": category.name,
+        "language": request.language,
         "district_code": request.district_id,
         "street": _street(request),
+        "preferred_start": clock.to_local_iso(request.preferred_start),
+        "preferred_end": clock.to_local_iso(request.preferred_end),
         "created_at": clock.to_local_iso(request.created_at),
         "updated_at": clock.to_local_iso(request.updated_at),
     }
     if relation == "offered":
         return view
+
+    view["stage"] = stage_view(request, radii_m)
 
     view.update(
         {
@@ -78,10 +113,15 @@ def request_view(request: ServiceRequest, relation: str, *, worker: Worker | Non
             "name": worker.name,
             "certificate_level": worker.certificate_level.value,
             "agency_id": worker.agency_id,
+            "languages": list(worker.languages),
             "rating": round(smoothed_rating(worker.rating_sum, worker.rating_count), 2),
         }
     if candidates is not None:
         view["candidates"] = candidates
+    if events is not None:
+        view["events"] = [
+            {"kind": event.kind, "ring": event.ring, "at": clock.to_local_iso(event.at)} for event in events
+        ]
     return view
 
 
@@ -93,6 +133,9 @@ def offer_view(offer: Offer, request: ServiceRequest) -> dict:
         "category_name": category.name,
         "district_code": request.district_id,
         "street": _street(request),
-        "distance_m": offer.distance_m,
+        "distance_m": shown_distance(offer.distance_m),
+        "preferred_start": clock.to_local_iso(request.preferred_start),
+        "preferred_end": clock.to_local_iso(request.preferred_end),
         "offered_at": clock.to_local_iso(offer.created_at),
+        "expires_at": clock.to_local_iso(offer.expires_at),
     }

@@ -12,6 +12,8 @@ from tests.conftest import fresh_code
 # 思明区's representative point (GCJ-02) from the district data; about 1.1 km per 0.01 degree.
 SIMING = (24.462059, 118.087828)
 SIMING_CODE = "350203"
+# A check-in body at the default request point, for start and complete.
+AT_DOOR = {"location": {"lat": SIMING[0], "lng": SIMING[1]}}
 _serial = itertools.count(1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.factories import (
+    AT_DOOR,
     SIMING,
     login_resident,
     make_city,
@@ -44,11 +45,11 @@ async def test_request_matched_accepted_completed_rated(services, client):
     assert late.status == 409
     assert late.json["error"]["code"] == "already_taken"
 
-    _, started = await client.post(f"/api/v1/service-requests/{request_id}/start", headers=near_headers)
+    _, started = await client.post(f"/api/v1/service-requests/{request_id}/start", json=AT_DOOR, headers=near_headers)
     assert started.json["status"] == "in_service"
     _, completed = await client.post(
         f"/api/v1/service-requests/{request_id}/complete",
-        json={"service_minutes": 90, "summary": "协助老人洗浴并陪同聊天"},
+        json={"service_minutes": 90, "summary": "协助老人洗浴并陪同聊天", **AT_DOOR},
         headers=near_headers,
     )
     assert completed.json["status"] == "completed", completed.json
@@ -63,6 +64,7 @@ async def test_request_matched_accepted_completed_rated(services, client):
     _, credit = await client.get(f"/api/v1/agencies/{agency_id}/credit", headers=officer)
     assert credit.status == 200
     assert credit.json["score"] > 75.0
-    assert credit.json["history"][0]["reason"] == f"rating of service request {request_id}"
+    assert credit.json["history"][0]["reason_code"] == "rating"
+    assert credit.json["history"][0]["reason"] == f"服务需求 {request_id} 获得 5 星评价"
     _, ratings = await client.get(f"/api/v1/agencies/{agency_id}/ratings", headers=officer)
     assert ratings.json == {"count": 1, "average": 5.0, "distribution": {"1": 0, "2": 0, "3": 0, "4": 0, "5": 1}}

@@ -129,3 +129,33 @@ async def test_offer_count_setting(services, client, app):
     services.settings = dataclasses.replace(services.settings, offer_count=2)
     headers, _ = await login_resident(client)
     assert len(await _candidate_ids(client, headers)) == 2
+
+
+async def test_language_preferred_when_spoken(services, client):
+    agencies = await make_city()
+    mandarin = await make_worker(services, agencies["approved"], north_of(SIMING, 300))
+    minnan = await make_worker(services, agencies["approved"], north_of(SIMING, 2000))
+    minnan.languages = ["普通话", "闽南语"]
+    await minnan.save()
+    from backend.workers import sync_worker
+
+    await sync_worker(services.index, minnan.id)
+    headers, _ = await login_resident(client)
+
+    assert await _candidate_ids(client, headers, language="闽南语") == [minnan.id]
+    assert await _candidate_ids(client, headers) == [mandarin.id, minnan.id]
+
+
+async def test_unspoken_language_falls_back(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"])
+    headers, _ = await login_resident(client)
+    assert await _candidate_ids(client, headers, language="English") == [worker.id]
+
+
+async def test_bad_language_rejected(services, client):
+    await make_city()
+    headers, _ = await login_resident(client)
+    _, response = await client.post("/api/v1/service-requests", json=request_body(language=["普通话"]), headers=headers)
+    assert response.status == 400
+    assert response.json["error"]["field"] == "language"

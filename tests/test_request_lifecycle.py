@@ -13,6 +13,7 @@ from backend.errors import Conflict
 from backend.geo import wgs84_to_gcj02
 from backend.models import RequestStatus, ServiceRequest, User
 from tests.factories import (
+    AT_DOOR,
     SIMING,
     login_resident,
     make_city,
@@ -190,38 +191,38 @@ async def test_start_and_complete_only_by_assigned(services, client):
     winner = await worker_headers(services, workers[0])
     loser = await worker_headers(services, workers[1])
 
-    _, early = await client.post(f"{BASE}/{request_id}/start", headers=winner)
+    _, early = await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=winner)
     assert early.status == 403
     await client.post(f"{BASE}/{request_id}/accept", headers=winner)
-    _, by_loser = await client.post(f"{BASE}/{request_id}/start", headers=loser)
+    _, by_loser = await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=loser)
     assert by_loser.status == 403
-    _, by_resident = await client.post(f"{BASE}/{request_id}/start", headers=resident)
+    _, by_resident = await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=resident)
     assert by_resident.status == 403
 
     _, complete_early = await client.post(
-        f"{BASE}/{request_id}/complete", json={"service_minutes": 30, "summary": "完成"}, headers=winner
+        f"{BASE}/{request_id}/complete", json={"service_minutes": 30, "summary": "完成", **AT_DOOR}, headers=winner
     )
     assert complete_early.status == 409
-    _, started = await client.post(f"{BASE}/{request_id}/start", headers=winner)
+    _, started = await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=winner)
     assert started.status == 200
 
 
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"summary": "完成"}, "service_minutes"),
-        ({"service_minutes": 0, "summary": "完成"}, "service_minutes"),
-        ({"service_minutes": 1441, "summary": "完成"}, "service_minutes"),
-        ({"service_minutes": "30", "summary": "完成"}, "service_minutes"),
-        ({"service_minutes": 30.5, "summary": "完成"}, "service_minutes"),
-        ({"service_minutes": 30}, "summary"),
+        ({"summary": "完成", **AT_DOOR}, "service_minutes"),
+        ({"service_minutes": 0, "summary": "完成", **AT_DOOR}, "service_minutes"),
+        ({"service_minutes": 1441, "summary": "完成", **AT_DOOR}, "service_minutes"),
+        ({"service_minutes": "30", "summary": "完成", **AT_DOOR}, "service_minutes"),
+        ({"service_minutes": 30.5, "summary": "完成", **AT_DOOR}, "service_minutes"),
+        ({"service_minutes": 30, **AT_DOOR}, "summary"),
     ],
 )
 async def test_complete_bad_body(services, client, body, field):
     request_id, _, workers = await _offered_request(services, client)
     winner = await worker_headers(services, workers[0])
     await client.post(f"{BASE}/{request_id}/accept", headers=winner)
-    await client.post(f"{BASE}/{request_id}/start", headers=winner)
+    await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=winner)
     _, response = await client.post(f"{BASE}/{request_id}/complete", json=body, headers=winner)
     assert response.status == 400
     assert response.json["error"]["field"] == field
@@ -233,9 +234,9 @@ async def _completed_request(services, client):
     request_id, resident, workers = await _offered_request(services, client)
     winner = await worker_headers(services, workers[0])
     await client.post(f"{BASE}/{request_id}/accept", headers=winner)
-    await client.post(f"{BASE}/{request_id}/start", headers=winner)
+    await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=winner)
     _, done = await client.post(
-        f"{BASE}/{request_id}/complete", json={"service_minutes": 45, "summary": "陪同就医"}, headers=winner
+        f"{BASE}/{request_id}/complete", json={"service_minutes": 45, "summary": "陪同就医", **AT_DOOR}, headers=winner
     )
     assert done.status == 200
     return request_id, resident, winner
@@ -302,7 +303,7 @@ async def test_cancel_after_start_rejected(services, client):
     request_id, resident, workers = await _offered_request(services, client)
     winner = await worker_headers(services, workers[0])
     await client.post(f"{BASE}/{request_id}/accept", headers=winner)
-    await client.post(f"{BASE}/{request_id}/start", headers=winner)
+    await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=winner)
     _, response = await client.post(f"{BASE}/{request_id}/cancel", headers=resident)
     assert response.status == 409
 
@@ -335,3 +336,30 @@ async def test_concurrent_accepts_one_winner_service(services, client):
     conflicts = [r for r in results if isinstance(r, Conflict)]
     assert len(winners) == 1
     assert len(conflicts) == 19
+
+
+async def test_repeat_ratings_count_once(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"])
+    worker_auth = await worker_headers(services, worker)
+    resident, _ = await login_resident(client, "repeat-rater")
+    officer = await officer_headers(services)
+
+    for stars in (5, 5, 2):
+        _, created = await client.post(BASE, json=request_body(), headers=resident)
+        request_id = created.json["id"]
+        await client.post(f"{BASE}/{request_id}/accept", headers=worker_auth)
+        await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=worker_auth)
+        await client.post(
+            f"{BASE}/{request_id}/complete", json={"service_minutes": 30, "summary": "陪伴", **AT_DOOR},
+            headers=worker_auth,
+        )
+        _, rated = await client.post(f"{BASE}/{request_id}/rating", json={"stars": stars}, headers=resident)
+        assert rated.status == 201
+
+    await worker.refresh_from_db()
+    assert worker.rating_count == 1
+    assert worker.rating_sum == 2
+    _, ratings = await client.get(f"/api/v1/agencies/{agencies['approved'].id}/ratings", headers=officer)
+    assert ratings.json["count"] == 1
+    assert ratings.json["distribution"]["2"] == 1

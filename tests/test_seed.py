@@ -126,7 +126,7 @@ async def test_seed_agencies_and_credit(seeded_db):
         assert agency.credit_score == 75.0
     assert {event.agency_id for event in events} == {agency.id for agency in agencies}
     for event in events:
-        assert event.reason == "initial"
+        assert event.reason_code == "initial"
         assert event.score == 75.0
         assert event.components == {"ratings": 75.0}
         assert event.at == FROZEN_AT

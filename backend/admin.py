@@ -1,0 +1,102 @@
+"""Civil-affairs officers' tasks: reviewing workers and agencies, and creating staff accounts."""
+
+from __future__ import annotations
+
+import logging
+
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from backend import accounts, clock, outbox
+from backend.context import Services
+from backend.errors import Conflict, NotFound, ValidationError
+from backend.models import Agency, AgencyStatus, CreditEvent, Role, ServiceStation, User, Worker, WorkerStatus
+
+log = logging.getLogger(__name__)
+
+MIN_STAFF_PASSWORD_CHARS = 12
+MAX_USERNAME_CHARS = 64
+MAX_REASON_CHARS = 200
+AGENCY_STATUS_NAMES = {"pending": "待审核", "approved": "已通过", "suspended": "已暂停"}
+
+
+async def list_workers(status: str | None, limit: int = 200) -> list[Worker]:
+    query = Worker.all().order_by("id")
+    if status is not None:
+        if status not in {s.value for s in WorkerStatus}:
+            raise ValidationError("状态只能是 pending、verified 或 rejected。", field="status")
+        query = query.filter(status=status)
+    return await query.limit(limit)
+
+
+async def reject_worker(services: Services, officer: User, worker_id: int, reason: object) -> Worker:
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
+        raise ValidationError(f"请填写不超过 {MAX_REASON_CHARS} 字的驳回原因。", field="reason")
+    worker = await Worker.get_or_none(id=worker_id)
+    if worker is None:
+        raise NotFound("找不到该社工。")
+    worker.status = WorkerStatus.REJECTED
+    worker.on_duty = False
+    async with in_transaction():
+        await worker.save(update_fields=["status", "on_duty"])
+        await outbox.record_worker_change(worker.id)
+    await outbox.apply_pending(services, worker_ids=[worker.id])
+    log.info("worker rejected worker_id=%s by_user_id=%s", worker.id, officer.id)
+    return worker
+
+
+async def set_agency_status(services: Services, officer: User, agency_id: int, status: object) -> Agency:
+    if status not in AGENCY_STATUS_NAMES:
+        raise ValidationError("状态只能是 pending、approved 或 suspended。", field="status")
+    agency = await Agency.get_or_none(id=agency_id)
+    if agency is None:
+        raise NotFound("找不到该服务机构。")
+    if agency.status.value != status:
+        agency.status = AgencyStatus(status)
+        async with in_transaction():
+            await agency.save(update_fields=["status"])
+            await CreditEvent.create(
+                agency=agency,
+                score=agency.credit_score,
+                reason_code=f"status_{status}",
+                reason=f"民政部门将机构状态改为「{AGENCY_STATUS_NAMES[status]}」",
+                components={},
+                at=clock.now(),
+            )
+            await outbox.record_agency_change(agency.id)
+        await outbox.apply_pending(services)
+        log.info("agency status changed agency_id=%s status=%s by_user_id=%s", agency.id, status, officer.id)
+    return agency
+
+
+def _check_credentials(username: object, password: object) -> tuple[str, str]:
+    if not isinstance(username, str) or not username.strip() or len(username) > MAX_USERNAME_CHARS:
+        raise ValidationError(f"用户名需为 1 到 {MAX_USERNAME_CHARS} 个字符。", field="username")
+    if not isinstance(password, str) or len(password) < MIN_STAFF_PASSWORD_CHARS:
+        raise ValidationError(f"密码至少需要 {MIN_STAFF_PASSWORD_CHARS} 个字符。", field="password")
+    return username.strip(), password
+
+
+async def _create_staff(username: object, password: object, role: Role, **links) -> User:
+    username, password = _check_credentials(username, password)
+    password_hash = await accounts.hash_password(password)
+    try:
+        return await User.create(username=username, password_hash=password_hash, roles=[role.value], **links)
+    except IntegrityError:
+        raise Conflict("该用户名已被使用。", field="username", code="username_taken") from None
+
+
+async def create_agency_manager(officer: User, agency_id: int, username: object, password: object) -> User:
+    if not await Agency.exists(id=agency_id):
+        raise NotFound("找不到该服务机构。")
+    user = await _create_staff(username, password, Role.AGENCY_MANAGER, agency_id=agency_id)
+    log.info("agency manager created user_id=%s agency_id=%s by_user_id=%s", user.id, agency_id, officer.id)
+    return user
+
+
+async def create_station_staff(officer: User, station_id: int, username: object, password: object) -> User:
+    if not await ServiceStation.exists(id=station_id):
+        raise NotFound("找不到该服务站。")
+    user = await _create_staff(username, password, Role.STATION_STAFF, station_id=station_id)
+    log.info("station staff created user_id=%s station_id=%s by_user_id=%s", user.id, station_id, officer.id)
+    return user

@@ -1,0 +1,198 @@
+"""Dispatch of an unassigned request: offers that expire, rings that widen, the station queue.
+
+Every transition is a conditional UPDATE guarded by the state it leaves (status, stage and
+ring). When two processes run the same step at once, exactly one of them changes a row
+and goes on, and the other updates zero rows and stops. A crash between a transition and the offers
+that follow it leaves the request in `matching`, where the scheduler's retry picks it up.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from tortoise.transactions import in_transaction
+
+from backend import clock, notifications
+from backend.catalog import min_rank
+from backend.context import Services
+from backend.matching import Candidate, find_candidates
+from backend.models import (
+    DispatchEvent,
+    DispatchStage,
+    Offer,
+    OfferStatus,
+    RequestStatus,
+    ServiceRequest,
+    Worker,
+)
+from search.base import IndexUnavailable
+
+log = logging.getLogger(__name__)
+
+# A request left in `matching` this long (index down, or a crash after a transition) is
+# matched again by the scheduler.
+STALLED_AFTER_S = 10
+# Offers that end without a winner: their workers are not searched again for this request.
+_SPENT_OFFER_STATUSES = (OfferStatus.DECLINED, OfferStatus.EXPIRED, OfferStatus.WITHDRAWN)
+
+
+async def _record_event(request_id: int, kind: str, *, ring: int | None = None, worker_id: int | None = None,
+                        dedupe_key: str | None = None) -> None:
+    await DispatchEvent.create(
+        service_request_id=request_id, kind=kind, ring=ring, worker_id=worker_id, dedupe_key=dedupe_key,
+        at=clock.now(),
+    )
+
+
+async def _excluded_workers(request: ServiceRequest) -> frozenset[int]:
+    spent = await Offer.filter(service_request_id=request.id, status__in=list(_SPENT_OFFER_STATUSES)).values_list(
+        "worker_id", flat=True
+    )
+    # A worker who asks for help as a resident is never offered their own request.
+    own = await Worker.filter(user_id=request.resident_id).values_list("id", flat=True)
+    return frozenset(spent) | frozenset(own)
+
+
+async def _send_offers(services: Services, request: ServiceRequest, ring: int, candidates: list[Candidate]) -> bool:
+    """Move the request from `matching` to `offered` at `ring` and write the offers, atomically."""
+    now = clock.now()
+    expires_at = now + timedelta(seconds=services.settings.offer_ttl_s)
+    async with in_transaction():
+        moved = await ServiceRequest.filter(
+            id=request.id, status=RequestStatus.MATCHING, stage=DispatchStage.RING, search_ring=ring
+        ).update(status=RequestStatus.OFFERED, updated_at=now)
+        if moved == 0:
+            return False
+
+        existing = {offer.worker_id: offer for offer in await Offer.filter(service_request_id=request.id)}
+        for candidate in candidates:
+            worker_id = candidate.hit.document.worker_id
+            fields = {
+                "status": OfferStatus.OPEN,
+                "ring": ring,
+                "distance_m": round(candidate.hit.distance_m),
+                "score": round(candidate.score, 4),
+                "created_at": now,
+                "expires_at": expires_at,
+            }
+            if worker_id in existing:
+                # Closed when another worker won; offered again after that worker withdrew.
+                await Offer.filter(id=existing[worker_id].id).update(**fields)
+            else:
+                await Offer.create(service_request_id=request.id, worker_id=worker_id, **fields)
+            worker_user_id = (await Worker.get(id=worker_id)).user_id
+            await notifications.enqueue(
+                worker_user_id,
+                "offer_new",
+                dedupe_key=f"offer:{request.id}:{worker_id}:{now.timestamp():.0f}",
+                service_request_id=request.id,
+                data={"category": request.category, "distance_m": round(candidate.hit.distance_m)},
+            )
+        await _record_event(request.id, "offers_sent", ring=ring)
+    log.info("offers sent request_id=%s ring=%s workers=%s", request.id, ring, len(candidates))
+    return True
+
+
+async def _widen(services: Services, request: ServiceRequest, ring: int, from_status: RequestStatus) -> bool:
+    """Move the request to the next ring, or to its station's queue after the last ring."""
+    now = clock.now()
+    radii = services.settings.search_radii_m
+    guard = {"id": request.id, "status": from_status, "stage": DispatchStage.RING, "search_ring": ring}
+    async with in_transaction():
+        if ring < len(radii):
+            moved = await ServiceRequest.filter(**guard).update(
+                status=RequestStatus.MATCHING, search_ring=ring + 1, updated_at=now
+            )
+            if moved:
+                await _record_event(request.id, "ring_widened", ring=ring + 1, dedupe_key=f"{request.id}:ring:{ring + 1}")
+        else:
+            moved = await ServiceRequest.filter(**guard).update(
+                status=RequestStatus.MATCHING, stage=DispatchStage.STATION_QUEUE, updated_at=now
+            )
+            if moved:
+                await _record_event(request.id, "station_queued", ring=ring, dedupe_key=f"{request.id}:station")
+                await notifications.enqueue(
+                    request.resident_id,
+                    "request_station_queued",
+                    dedupe_key=f"station:{request.id}",
+                    service_request_id=request.id,
+                    data={"category": request.category},
+                )
+    if moved:
+        log.info("dispatch widened request_id=%s from_ring=%s", request.id, ring)
+    return bool(moved)
+
+
+async def run_matching(services: Services, request_id: int) -> list[Candidate]:
+    """Search the request's current ring, widening until someone is offered it or it is queued.
+
+    Returns the candidates offered, or [] when the request was queued at its station, is being
+    handled by another process, or the index is unavailable (the scheduler retries later).
+    """
+    radii = services.settings.search_radii_m
+    for _ in range(len(radii) + 1):
+        request = await ServiceRequest.get_or_none(id=request_id)
+        if request is None or request.status != RequestStatus.MATCHING or request.stage != DispatchStage.RING:
+            return []
+        ring = min(request.search_ring, len(radii))
+        try:
+            candidates = await find_candidates(
+                services.index,
+                lat=request.lat,
+                lng=request.lng,
+                category=request.category,
+                min_certificate_rank=min_rank(request.category),
+                radius_m=radii[ring - 1],
+                count=services.settings.offer_count,
+                exclude_worker_ids=await _excluded_workers(request),
+                language=request.language,
+            )
+        except IndexUnavailable:
+            log.error("matching postponed, index unavailable request_id=%s ring=%s", request.id, ring)
+            return []
+
+        if candidates:
+            sent = await _send_offers(services, request, ring, candidates)
+            return candidates if sent else []
+        if not await _widen(services, request, ring, RequestStatus.MATCHING):
+            return []
+    return []
+
+
+async def advance_if_exhausted(services: Services, request_id: int) -> None:
+    """Widen a request whose offers have all expired or been declined, then match it again."""
+    request = await ServiceRequest.get_or_none(id=request_id)
+    if request is None or request.status != RequestStatus.OFFERED:
+        return
+    if await Offer.exists(service_request_id=request.id, status=OfferStatus.OPEN):
+        return
+    if await _widen(services, request, request.search_ring, RequestStatus.OFFERED):
+        await run_matching(services, request.id)
+
+
+async def expire_offers(services: Services) -> int:
+    """Expire offers past their time and move their requests on; returns offers expired."""
+    now = clock.now()
+    due = await Offer.filter(status=OfferStatus.OPEN, expires_at__lte=now).values_list("id", "service_request_id")
+    if not due:
+        return 0
+    expired = await Offer.filter(id__in=[offer_id for offer_id, _ in due], status=OfferStatus.OPEN).update(
+        status=OfferStatus.EXPIRED
+    )
+    for request_id in sorted({request_id for _, request_id in due}):
+        await advance_if_exhausted(services, request_id)
+    return expired
+
+
+async def retry_stalled(services: Services) -> int:
+    """Match again requests left in `matching` on a ring; returns how many were retried."""
+    cutoff = clock.now() - timedelta(seconds=STALLED_AFTER_S)
+    stalled = await ServiceRequest.filter(
+        status=RequestStatus.MATCHING, stage=DispatchStage.RING, updated_at__lte=cutoff
+    ).order_by("id").limit(100).values_list("id", flat=True)
+    for request_id in stalled:
+        # Touch first, so a request that still finds nothing waits another period.
+        await ServiceRequest.filter(id=request_id, status=RequestStatus.MATCHING).update(updated_at=clock.now())
+        await run_matching(services, request_id)
+    return len(stalled)

@@ -1,0 +1,206 @@
+"""Officers' review endpoints and the staff accounts they create."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.models import AgencyStatus, Worker, WorkerStatus
+from tests.factories import SIMING, login_resident, make_city, make_worker, officer_headers, request_body
+
+
+async def test_pending_workers_listed_and_rejected(services, client):
+    agencies = await make_city()
+    pending = await make_worker(services, agencies["approved"], verified=False, on_duty=False)
+    await make_worker(services, agencies["approved"])
+    officer = await officer_headers(services)
+
+    _, listed = await client.get("/api/v1/admin/workers?status=pending", headers=officer)
+    assert [item["id"] for item in listed.json["items"]] == [pending.id]
+    assert listed.json["items"][0]["certificate_no"] == pending.certificate_no
+
+    _, missing_reason = await client.post(f"/api/v1/admin/workers/{pending.id}/reject", json={}, headers=officer)
+    assert missing_reason.status == 400
+    _, rejected = await client.post(
+        f"/api/v1/admin/workers/{pending.id}/reject", json={"reason": "证书编号无法核实"}, headers=officer
+    )
+    assert rejected.json == {"id": pending.id, "status": "rejected"}
+    assert (await Worker.get(id=pending.id)).status == WorkerStatus.REJECTED
+
+
+async def test_bad_status_filter(services, client):
+    _, response = await client.get("/api/v1/admin/workers?status=all", headers=await officer_headers(services))
+    assert response.status == 400
+    assert response.json["error"]["field"] == "status"
+
+
+async def test_admin_routes_need_officer(services, client):
+    agencies = await make_city()
+    resident, _ = await login_resident(client)
+    for method, path in [
+        ("get", "/api/v1/admin/workers"),
+        ("put", f"/api/v1/admin/agencies/{agencies['approved'].id}/status"),
+        ("post", f"/api/v1/admin/agencies/{agencies['approved'].id}/managers"),
+    ]:
+        options = {} if method == "get" else {"json": {}}
+        _, response = await getattr(client, method)(path, headers=resident, **options)
+        assert response.status == 403, path
+
+
+async def test_suspending_agency_stops_matching(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"])
+    officer = await officer_headers(services)
+    _, suspended = await client.put(
+        f"/api/v1/admin/agencies/{agencies['approved'].id}/status", json={"status": "suspended"}, headers=officer
+    )
+    assert suspended.json["status"] == "suspended"
+    resident, _ = await login_resident(client)
+    _, created = await client.post("/api/v1/service-requests", json=request_body(), headers=resident)
+    assert worker.id not in [c["worker_id"] for c in created.json["candidates"]]
+    _, credit = await client.get(f"/api/v1/agencies/{agencies['approved'].id}/credit", headers=officer)
+    assert credit.json["history"][0]["reason_code"] == "status_suspended"
+    assert "暂停" in credit.json["history"][0]["reason"]
+
+
+async def test_manager_account_reads_own_agency(services, client):
+    agencies = await make_city()
+    officer = await officer_headers(services)
+    body = {"username": "manager-xm", "password": "manager-password-1"}
+    _, created = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                   headers=officer)
+    assert created.status == 201, created.json
+    _, login = await client.post("/api/v1/auth/password-login", json=body)
+    manager = {"Authorization": f"Bearer {login.json['token']}"}
+    _, own = await client.get(f"/api/v1/agencies/{agencies['approved'].id}/credit", headers=manager)
+    assert own.status == 200
+    _, other = await client.get(f"/api/v1/agencies/{agencies['other'].id}/credit", headers=manager)
+    assert other.status == 403
+    _, duplicate = await client.post(f"/api/v1/admin/agencies/{agencies['other'].id}/managers", json=body,
+                                     headers=officer)
+    assert duplicate.status == 409
+
+
+@pytest.mark.parametrize("body", [{"username": "x", "password": "short"}, {"username": "", "password": "p" * 12},
+                                  {"username": "x" * 65, "password": "p" * 12}, {}])
+async def test_manager_bad_credentials(services, client, body):
+    agencies = await make_city()
+    _, response = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                    headers=await officer_headers(services))
+    assert response.status == 400
+
+
+async def test_officer_cannot_create_request(services, client):
+    await make_city()
+    _, response = await client.post("/api/v1/service-requests", json=request_body(),
+                                    headers=await officer_headers(services))
+    assert response.status == 403
+    assert response.json["error"]["code"] == "not_a_resident"
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [("老人独居\u0000", "invalid_text"), ("老人独居\ud800", "invalid_text")],
+)
+async def test_unstorable_text_rejected(services, client, text, code):
+    await make_city()
+    resident, _ = await login_resident(client)
+    import json as jsonlib
+
+    raw = jsonlib.dumps(request_body(description=text)).encode()
+    _, response = await client.post("/api/v1/service-requests", content=raw,
+                                    headers={**resident, "content-type": "application/json"})
+    assert response.status == 400
+    assert response.json["error"]["code"] == code
+    assert response.json["error"]["field"] == "description"
+
+
+@pytest.mark.parametrize("agency_id", [2**31, 2**63, -1, 0])
+async def test_huge_agency_id_rejected(services, client, agency_id):
+    await make_city()
+    resident, _ = await login_resident(client)
+    body = {"agency_id": agency_id, "name": "林", "certificate_level": "assistant", "certificate_no": "X1",
+            "categories": ["elderly_care"], "location": {"lat": SIMING[0], "lng": SIMING[1]}, "service_radius_m": 3000}
+    _, response = await client.post("/api/v1/workers/me", json=body, headers=resident)
+    assert response.status == 400
+    assert response.json["error"]["field"] == "agency_id"
+
+
+async def test_huge_latitude_integer_rejected(services, client):
+    await make_city()
+    resident, _ = await login_resident(client)
+    raw = ('{"category": "elderly_care", "description": "陪伴", "address": "思明区某路1号", '
+           '"location": {"lat": ' + "9" * 401 + ', "lng": 118.08}}').encode()
+    _, response = await client.post("/api/v1/service-requests", content=raw,
+                                    headers={**resident, "content-type": "application/json"})
+    assert response.status == 400
+
+
+async def test_candidate_distances_rounded(services, client):
+    agencies = await make_city()
+    from tests.factories import north_of
+
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1234))
+    resident, _ = await login_resident(client)
+    _, created = await client.post("/api/v1/service-requests", json=request_body(), headers=resident)
+    assert created.json["candidates"][0]["distance_m"] == 1200
+    assert created.json["candidates"][0]["score"] == round(created.json["candidates"][0]["score"], 2)
+    assert AgencyStatus.APPROVED == agencies["approved"].status
+
+
+def _registration(agency_id: int, certificate_no: str) -> dict:
+    return {"agency_id": agency_id, "name": "林晓", "certificate_level": "assistant", "certificate_no": certificate_no,
+            "categories": ["elderly_care"], "location": {"lat": SIMING[0], "lng": SIMING[1]}, "service_radius_m": 3000}
+
+
+async def test_certificate_no_variants_collide(services, client):
+    agencies = await make_city()
+    first, _ = await login_resident(client, "cert-a")
+    second, _ = await login_resident(client, "cert-b")
+    _, registered = await client.post("/api/v1/workers/me", json=_registration(agencies["approved"].id, "xm 2024 001"),
+                                      headers=first)
+    assert registered.status == 201
+    _, duplicate = await client.post("/api/v1/workers/me", json=_registration(agencies["approved"].id, "ＸＭ2024001"),
+                                     headers=second)
+    assert duplicate.status == 409
+    assert duplicate.json["error"]["code"] == "certificate_no_taken"
+
+
+async def test_officer_cannot_verify_self(services, client):
+    agencies = await make_city()
+    officer = await officer_headers(services)
+    _, registered = await client.post("/api/v1/workers/me", json=_registration(agencies["approved"].id, "SELF1"),
+                                      headers=officer)
+    assert registered.status == 201
+    _, response = await client.post(f"/api/v1/admin/workers/{registered.json['id']}/verify", headers=officer)
+    assert response.status == 403
+    assert response.json["error"]["code"] == "self_review"
+
+
+async def test_pending_agency_worker_cannot_go_on_duty(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["pending"], on_duty=False)
+    from tests.factories import worker_headers
+
+    _, response = await client.put("/api/v1/workers/me/duty", json={"on_duty": True},
+                                   headers=await worker_headers(services, worker))
+    assert response.status == 409
+    assert response.json["error"]["code"] == "agency_not_approved"
+
+
+async def test_going_off_duty_declines_offers(services, client):
+    from backend.models import Offer, OfferStatus
+    from tests.factories import north_of, worker_headers
+
+    agencies = await make_city()
+    leaving = await make_worker(services, agencies["approved"], north_of(SIMING, 300))
+    staying = await make_worker(services, agencies["approved"], north_of(SIMING, 7000), radius_m=10_000)
+    resident, _ = await login_resident(client)
+    _, created = await client.post("/api/v1/service-requests", json=request_body(), headers=resident)
+    assert [c["worker_id"] for c in created.json["candidates"]] == [leaving.id]
+
+    _, off = await client.put("/api/v1/workers/me/duty", json={"on_duty": False},
+                              headers=await worker_headers(services, leaving))
+    assert off.status == 200
+    offer = await Offer.get(service_request_id=created.json["id"], worker_id=leaving.id)
+    assert offer.status == OfferStatus.DECLINED
+    assert await Offer.filter(service_request_id=created.json["id"], worker_id=staying.id, status="open").exists()
