@@ -210,15 +210,18 @@ PASSWORD_ATTEMPT_WINDOW_S = 15 * 60
 
 
 async def login_with_password(services: Services, username: str, password: str) -> tuple[str, User]:
-    await rate_limit.hit(
+    # Only failures count, so a lockout needs wrong guesses and successful logins never add up.
+    await rate_limit.check(
         services.redis, "password-login-user", username, PASSWORD_ATTEMPTS_PER_USERNAME, PASSWORD_ATTEMPT_WINDOW_S
     )
     user = await User.get_or_none(username=username)
     if user is None or not user.password_hash:
         await _verify_password(_DUMMY_HASH, password)
+        await rate_limit.record(services.redis, "password-login-user", username, PASSWORD_ATTEMPT_WINDOW_S)
         raise InvalidCredentials(field="password")
     if not await _verify_password(user.password_hash, password):
         log.info("password login failed user_id=%s", user.id)
+        await rate_limit.record(services.redis, "password-login-user", username, PASSWORD_ATTEMPT_WINDOW_S)
         raise InvalidCredentials(field="password")
     token = await issue_token(services.redis, user.id, services.settings.token_ttl_s)
     log.info("password login user_id=%s", user.id)

@@ -7,7 +7,7 @@ import logging
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from backend import accounts, clock, outbox
+from backend import accounts, clock, dispatch, outbox
 from backend.context import Services
 from backend.errors import Conflict, NotFound, ValidationError
 from backend.models import Agency, AgencyStatus, CreditEvent, Role, ServiceStation, User, Worker, WorkerStatus
@@ -36,11 +36,13 @@ async def reject_worker(services: Services, officer: User, worker_id: int, reaso
     if worker is None:
         raise NotFound("找不到该社工。")
     worker.status = WorkerStatus.REJECTED
+    worker.rejection_reason = reason.strip()
     worker.on_duty = False
     async with in_transaction():
-        await worker.save(update_fields=["status", "on_duty"])
+        await worker.save(update_fields=["status", "rejection_reason", "on_duty"])
         await outbox.record_worker_change(worker.id)
     await outbox.apply_pending(services, worker_ids=[worker.id])
+    await dispatch.release_worker(services, worker.id, reason="rejected", release_accepted=True)
     log.info("worker rejected worker_id=%s by_user_id=%s", worker.id, officer.id)
     return worker
 
@@ -65,6 +67,9 @@ async def set_agency_status(services: Services, officer: User, agency_id: int, s
             )
             await outbox.record_agency_change(agency.id)
         await outbox.apply_pending(services)
+        if agency.status != AgencyStatus.APPROVED:
+            for worker_id in await Worker.filter(agency_id=agency.id).values_list("id", flat=True):
+                await dispatch.release_worker(services, worker_id, reason=f"agency_{status}", release_accepted=True)
         log.info("agency status changed agency_id=%s status=%s by_user_id=%s", agency.id, status, officer.id)
     return agency
 

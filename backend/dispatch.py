@@ -196,3 +196,44 @@ async def retry_stalled(services: Services) -> int:
         await ServiceRequest.filter(id=request_id, status=RequestStatus.MATCHING).update(updated_at=clock.now())
         await run_matching(services, request_id)
     return len(stalled)
+
+
+async def release_worker(services: Services, worker_id: int, *, reason: str, release_accepted: bool) -> None:
+    """Take a worker out of dispatch: decline their open offers, and with `release_accepted`
+    give their accepted, not yet started jobs back to matching.
+
+    Used when a worker goes off duty (offers only), or loses their certificate or their
+    agency's approval (offers and accepted jobs), so no request waits on someone who cannot come.
+    """
+    offered = await Offer.filter(worker_id=worker_id, status=OfferStatus.OPEN).values_list(
+        "service_request_id", flat=True
+    )
+    if offered:
+        await Offer.filter(worker_id=worker_id, status=OfferStatus.OPEN).update(status=OfferStatus.DECLINED)
+        for request_id in offered:
+            await advance_if_exhausted(services, request_id)
+
+    released: list[int] = []
+    if release_accepted:
+        now = clock.now()
+        accepted = await ServiceRequest.filter(worker_id=worker_id, status=RequestStatus.ACCEPTED).values_list(
+            "id", flat=True
+        )
+        for request_id in accepted:
+            async with in_transaction():
+                moved = await ServiceRequest.filter(
+                    id=request_id, worker_id=worker_id, status=RequestStatus.ACCEPTED
+                ).update(status=RequestStatus.MATCHING, worker_id=None, accepted_at=None, updated_at=now)
+                if moved:
+                    await Offer.filter(service_request_id=request_id, worker_id=worker_id).update(
+                        status=OfferStatus.WITHDRAWN
+                    )
+                    await _record_event(request_id, "released", worker_id=worker_id)
+            if moved:
+                released.append(request_id)
+                await run_matching(services, request_id)
+    if offered or released:
+        log.info(
+            "worker released from dispatch worker_id=%s reason=%s offers=%s jobs=%s",
+            worker_id, reason, len(offered), len(released),
+        )

@@ -155,6 +155,7 @@ class Worker(Model):
     district = fields.ForeignKeyField("models.District", related_name="workers")
     service_radius_m = fields.IntField()
     status = fields.CharEnumField(WorkerStatus, max_length=16, default=WorkerStatus.PENDING)
+    rejection_reason = fields.CharField(max_length=200, null=True)
     on_duty = fields.BooleanField(default=False)
     rating_sum = fields.IntField(default=0)
     rating_count = fields.IntField(default=0)

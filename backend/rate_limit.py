@@ -87,6 +87,32 @@ async def hit(client: redis.Redis, scope: str, identity: str, limit: int, window
     raise RateLimitExceeded(retry_after_s, scope=scope)
 
 
+async def check(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> None:
+    """Raise RateLimitExceeded when `identity` already has `limit` hits in the window, without
+    recording one. With record(), this counts only the attempts that a caller chooses to count,
+    such as failed passwords or requests actually created."""
+    now_ms = int(clock.now().timestamp() * 1000)
+    key = _key(scope, identity)
+    await client.zremrangebyscore(key, "-inf", now_ms - window_s * 1000)
+    hits = await client.zrange(key, 0, -1, withscores=True)
+    if len(hits) < limit:
+        return
+    oldest_blocking_ms = hits[len(hits) - limit][1]
+    retry_after_s = min(window_s, max(1, math.ceil((oldest_blocking_ms + window_s * 1000 - now_ms) / 1000)))
+    log.info("rate limit exceeded scope=%s limit=%d window_s=%d retry_after_s=%d", scope, limit, window_s, retry_after_s)
+    raise RateLimitExceeded(retry_after_s, scope=scope)
+
+
+async def record(client: redis.Redis, scope: str, identity: str, window_s: int) -> None:
+    """Count one hit of `identity` in `scope` without checking the limit."""
+    now_ms = int(clock.now().timestamp() * 1000)
+    key = _key(scope, identity)
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.zadd(key, {f"{now_ms}:{secrets.token_hex(6)}": now_ms})
+        pipe.pexpire(key, window_s * 1000)
+        await pipe.execute()
+
+
 def client_ip(request) -> str:
     """Return the IP address of the client that sent `request` (a sanic.Request).
 

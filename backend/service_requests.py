@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from tortoise.exceptions import IntegrityError
 from tortoise.expressions import F
@@ -42,6 +43,11 @@ MAX_ADDRESS_CHARS = 200
 MAX_SUMMARY_CHARS = 2000
 MAX_COMMENT_CHARS = 500
 MAX_SERVICE_MINUTES = 24 * 60
+
+# A worker may check in this long before the resident's preferred start, not earlier.
+EARLIEST_START_BEFORE_PREFERRED = timedelta(hours=2)
+# Minutes a reported duration may exceed the time since check-in (a phone clock, rounding up).
+SERVICE_MINUTES_GRACE = 15
 
 CANCELLABLE = (RequestStatus.MATCHING, RequestStatus.OFFERED, RequestStatus.ACCEPTED)
 UNASSIGNED = (RequestStatus.MATCHING, RequestStatus.OFFERED)
@@ -171,6 +177,10 @@ async def accept_request(services: Services, user: User, request_id: int) -> Ser
     offer = await Offer.get_or_none(service_request_id=request.id, worker_id=worker.id)
     if offer is None:
         raise Forbidden("您没有收到这个需求的派单。", code="not_offered")
+    # An offer outlives neither the worker's certificate nor the agency's approval.
+    agency = await Agency.get(id=worker.agency_id)
+    if worker.status != WorkerStatus.VERIFIED or agency.status != AgencyStatus.APPROVED:
+        raise Conflict("您的证书或所属机构当前不可接单。", code="worker_not_matchable")
     if offer.status in (OfferStatus.DECLINED, OfferStatus.EXPIRED, OfferStatus.WITHDRAWN):
         raise Conflict("这个派单已失效。", code="offer_expired")
 
@@ -268,6 +278,9 @@ async def start_request(services: Services, user: User, request_id: int, *, loca
             code="too_far_to_check_in",
         )
     now = clock.now()
+    if request.status == RequestStatus.ACCEPTED and request.preferred_start is not None:
+        if now < request.preferred_start - EARLIEST_START_BEFORE_PREFERRED:
+            raise Conflict("还未到预约的服务时间，请在预约时间前两小时内开始服务。", code="too_early_to_start")
     async with in_transaction():
         moved = await ServiceRequest.filter(id=request.id, worker_id=worker.id, status=RequestStatus.ACCEPTED).update(
             status=RequestStatus.IN_SERVICE, started_at=now, checkin_lat=location.lat, checkin_lng=location.lng,
@@ -292,8 +305,15 @@ async def complete_request(
     summary = _require_text(summary, "summary", MAX_SUMMARY_CHARS, "服务小结")
 
     worker, request = await _assigned_request(user, request_id)
-    verdict = await content_check.screen(services, user, summary, field="summary")
     now = clock.now()
+    if request.status == RequestStatus.IN_SERVICE and request.started_at is not None:
+        # The duration is part of the proof of service: it cannot exceed the time since check-in.
+        elapsed_minutes = (now - request.started_at).total_seconds() / 60
+        if service_minutes > elapsed_minutes + SERVICE_MINUTES_GRACE:
+            raise ValidationError(
+                f"服务时长不能超过签到以来的时间（约 {max(1, round(elapsed_minutes))} 分钟）。", field="service_minutes"
+            )
+    verdict = await content_check.screen(services, user, summary, field="summary")
     async with in_transaction():
         moved = await ServiceRequest.filter(
             id=request.id, worker_id=worker.id, status=RequestStatus.IN_SERVICE
@@ -457,6 +477,8 @@ async def assign_worker(services: Services, user: User, request_id: int, worker_
         raise ValidationError("找不到该社工。", field="worker_id", code="worker_not_found")
     if worker.status != WorkerStatus.VERIFIED or worker.agency.status != AgencyStatus.APPROVED:
         raise Conflict("该社工尚未通过审核或所属机构不可接单。", field="worker_id", code="worker_not_matchable")
+    if worker.user_id in (request.resident_id, user.id):
+        raise Conflict("不能把需求指派给提出需求的居民本人或指派人自己。", field="worker_id", code="worker_conflict_of_interest")
     if request.category not in worker.categories or CERTIFICATE_RANKS[worker.certificate_level.value] < min_rank(
         request.category
     ):

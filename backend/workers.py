@@ -20,8 +20,6 @@ from backend.models import (
     CERTIFICATE_RANKS,
     Agency,
     AgencyStatus,
-    Offer,
-    OfferStatus,
     Role,
     User,
     Worker,
@@ -39,6 +37,7 @@ from search.base import (
 log = logging.getLogger(__name__)
 
 MIN_SERVICE_RADIUS_M = 500
+MAX_CERTIFICATE_NO_CHARS = 64  # the column's length
 MAX_SERVICE_RADIUS_M = 20_000
 MAX_LANGUAGES = 10
 MAX_LANGUAGE_CHARS = 32
@@ -193,7 +192,7 @@ async def register_worker(
     if certificate_level not in CERTIFICATE_RANKS:
         raise ValidationError("证书等级只能是 assistant、intermediate 或 senior。", field="certificate_level")
     certificate_no = normalize_certificate_no(certificate_no)
-    if not certificate_no:
+    if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:
         raise ValidationError("证书编号格式不正确。", field="certificate_no")
     parsed_categories = _parse_categories(categories, certificate_level)
     parsed_languages = parse_languages(languages)
@@ -276,20 +275,7 @@ async def set_duty(services: Services, user: User, *, on_duty: bool, location: L
         await outbox.record_worker_change(worker.id)
     await outbox.apply_pending(services, worker_ids=[worker.id])
     if not on_duty:
-        await _decline_open_offers(services, worker.id)
+        from backend import dispatch
+
+        await dispatch.release_worker(services, worker.id, reason="off_duty", release_accepted=False)
     return worker
-
-
-async def _decline_open_offers(services: Services, worker_id: int) -> None:
-    """Decline a worker's open offers when they go off duty, so those requests move on at once."""
-    from backend import dispatch
-
-    request_ids = await Offer.filter(worker_id=worker_id, status=OfferStatus.OPEN).values_list(
-        "service_request_id", flat=True
-    )
-    if not request_ids:
-        return
-    await Offer.filter(worker_id=worker_id, status=OfferStatus.OPEN).update(status=OfferStatus.DECLINED)
-    for request_id in request_ids:
-        await dispatch.advance_if_exhausted(services, request_id)
-    log.info("offers declined on going off duty worker_id=%s count=%s", worker_id, len(request_ids))

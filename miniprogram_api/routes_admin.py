@@ -29,6 +29,7 @@ async def list_workers(request: Request):
             "certificate_no": w.certificate_no,
             "categories": w.categories,
             "status": w.status.value,
+            "rejection_reason": w.rejection_reason,
             "created_at": clock.to_local_iso(w.created_at),
         }
         for w in workers

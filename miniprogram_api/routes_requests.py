@@ -43,8 +43,9 @@ async def _render(request_obj, relation: str, radii_m: tuple[int, ...]) -> dict:
 @idempotent("service_request_create")
 async def create(request: Request):
     services = request.app.ctx.services
-    await rate_limit.hit(services.redis, "request_create_user", str(request.ctx.user.id),
-                         services.settings.rate_requests_per_user_per_hour, 3600)
+    # Per resident, only requests actually created count, so rejected forms do not use up the hour.
+    await rate_limit.check(services.redis, "request_create_user", str(request.ctx.user.id),
+                           services.settings.rate_requests_per_user_per_hour, 3600)
     await rate_limit.hit(services.redis, "request_create_ip", rate_limit.client_network(request),
                          services.settings.rate_requests_per_ip_per_hour, 3600)
     body = json_body(request)
@@ -60,8 +61,11 @@ async def create(request: Request):
         preferred_end=body.get("preferred_end"),
         language=body.get("language"),
     )
+    await rate_limit.record(services.redis, "request_create_user", str(request.ctx.user.id), 3600)
     await created.fetch_related("station")
-    view = request_view(created, "resident", candidates=[candidate_view(c) for c in candidates])
+    view = request_view(
+        created, "resident", candidates=[candidate_view(c) for c in candidates], radii_m=services.settings.search_radii_m
+    )
     return json(view, status=201)
 
 

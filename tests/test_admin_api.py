@@ -204,3 +204,13 @@ async def test_going_off_duty_declines_offers(services, client):
     offer = await Offer.get(service_request_id=created.json["id"], worker_id=leaving.id)
     assert offer.status == OfferStatus.DECLINED
     assert await Offer.filter(service_request_id=created.json["id"], worker_id=staying.id, status="open").exists()
+
+
+async def test_certificate_no_too_long_after_folding(services, client):
+    agencies = await make_city()
+    resident, _ = await login_resident(client, "cert-long")
+    # Each ㍿ folds to four characters under NFKC, so 20 of them become 80.
+    _, response = await client.post("/api/v1/workers/me", json=_registration(agencies["approved"].id, "㍿" * 20),
+                                    headers=resident)
+    assert response.status == 400
+    assert response.json["error"]["field"] == "certificate_no"

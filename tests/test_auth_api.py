@@ -195,3 +195,12 @@ async def test_password_guessing_limited_per_username(services, client):
         "/api/v1/auth/password-login", json={"username": "officer-guess", "password": "a-long-password-9"}
     )
     assert right.status == 429
+
+
+async def test_successful_logins_never_lock_out(services, client):
+    await accounts.ensure_officer("officer-busy", "a-long-password-8")
+    for _ in range(accounts.PASSWORD_ATTEMPTS_PER_USERNAME + 2):
+        _, response = await client.post(
+            "/api/v1/auth/password-login", json={"username": "officer-busy", "password": "a-long-password-8"}
+        )
+        assert response.status == 200

@@ -453,3 +453,108 @@ async def test_lease_held_by_one_process(services):
     assert await first.acquire()  # renewal
     await first.release()
     assert await second.acquire()
+
+
+async def test_rejected_worker_loses_offers_and_jobs(services, client):
+    agencies = await make_city()
+    rejected = await make_worker(services, agencies["approved"], north_of(SIMING, 300))
+    other = await make_worker(services, agencies["approved"], north_of(SIMING, 600))
+    resident, _ = await login_resident(client)
+    offered = await _create(client, resident)
+    accepted = await _create(client, resident, preferred_start="2026-12-08T10:00:00+08:00")
+    rejected_headers = await worker_headers(services, rejected)
+    _, taken = await client.post(f"{BASE}/{accepted['id']}/accept", headers=rejected_headers)
+    assert taken.status == 200
+
+    officer = await officer_headers(services)
+    _, response = await client.post(f"/api/v1/admin/workers/{rejected.id}/reject", json={"reason": "证书已注销"},
+                                    headers=officer)
+    assert response.status == 200
+
+    _, late = await client.post(f"{BASE}/{offered['id']}/accept", headers=rejected_headers)
+    assert late.status == 409
+    released = await ServiceRequest.get(id=accepted["id"])
+    assert released.worker_id is None
+    assert released.status == RequestStatus.OFFERED
+    assert await _offered_ids(released.id) == {other.id}
+    kinds = await DispatchEvent.filter(service_request_id=released.id).values_list("kind", flat=True)
+    assert "released" in kinds
+
+
+async def test_suspended_agency_worker_cannot_accept(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"])
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    from backend.models import Agency, AgencyStatus
+
+    # Suspended behind the API's back, so the open offer is still there.
+    await Agency.filter(id=agencies["approved"].id).update(status=AgencyStatus.SUSPENDED)
+    _, response = await client.post(f"{BASE}/{created['id']}/accept", headers=await worker_headers(services, worker))
+    assert response.status == 409
+    assert response.json["error"]["code"] == "worker_not_matchable"
+
+
+async def test_service_minutes_bounded_by_elapsed(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"])
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    headers = await worker_headers(services, worker)
+    await client.post(f"{BASE}/{created['id']}/accept", headers=headers)
+    await client.post(f"{BASE}/{created['id']}/start", json=AT_DOOR, headers=headers)
+    advance(30 * 60)
+
+    _, inflated = await client.post(
+        f"{BASE}/{created['id']}/complete", json={"service_minutes": 120, "summary": "陪伴", **AT_DOOR}, headers=headers
+    )
+    assert inflated.status == 400
+    assert inflated.json["error"]["field"] == "service_minutes"
+    _, honest = await client.post(
+        f"{BASE}/{created['id']}/complete", json={"service_minutes": 35, "summary": "陪伴", **AT_DOOR}, headers=headers
+    )
+    assert honest.status == 200
+
+
+async def test_start_long_before_preferred_time_rejected(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"])
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident, preferred_start="2026-12-09T10:00:00+08:00")
+    headers = await worker_headers(services, worker)
+    await client.post(f"{BASE}/{created['id']}/accept", headers=headers)
+
+    _, early = await client.post(f"{BASE}/{created['id']}/start", json=AT_DOOR, headers=headers)
+    assert early.status == 409
+    assert early.json["error"]["code"] == "too_early_to_start"
+    clock.freeze(datetime(2026, 12, 9, 1, 0, tzinfo=timezone.utc))  # 09:00 local, an hour before
+    _, on_time = await client.post(f"{BASE}/{created['id']}/start", json=AT_DOOR, headers=headers)
+    assert on_time.status == 200
+
+
+async def test_assign_resident_own_worker_rejected(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], north_of(SIMING, 30_000))
+    user = await User.get(id=worker.user_id)
+    headers = {"Authorization": f"Bearer {await token_for_user(services, user)}"}
+    created = await _create(client, headers)
+    _, response = await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": worker.id},
+        headers=await officer_headers(services),
+    )
+    assert response.status == 409
+    assert response.json["error"]["code"] == "worker_conflict_of_interest"
+
+
+async def test_failed_creates_do_not_use_hourly_budget(services, client):
+    services.settings = dataclasses.replace(services.settings, rate_requests_per_user_per_hour=2)
+    await make_city()
+    resident, _ = await login_resident(client)
+    for _ in range(5):
+        _, bad = await client.post(BASE, json=request_body(category="gardening"), headers=resident)
+        assert bad.status == 400
+    statuses = []
+    for _ in range(3):
+        _, response = await client.post(BASE, json=request_body(), headers=resident)
+        statuses.append(response.status)
+    assert statuses == [201, 201, 429]

@@ -49,7 +49,7 @@ async def test_request_matched_accepted_completed_rated(services, client):
     assert started.json["status"] == "in_service"
     _, completed = await client.post(
         f"/api/v1/service-requests/{request_id}/complete",
-        json={"service_minutes": 90, "summary": "协助老人洗浴并陪同聊天", **AT_DOOR},
+        json={"service_minutes": 10, "summary": "协助老人洗浴并陪同聊天", **AT_DOOR},
         headers=near_headers,
     )
     assert completed.json["status"] == "completed", completed.json

@@ -236,7 +236,7 @@ async def _completed_request(services, client):
     await client.post(f"{BASE}/{request_id}/accept", headers=winner)
     await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=winner)
     _, done = await client.post(
-        f"{BASE}/{request_id}/complete", json={"service_minutes": 45, "summary": "陪同就医", **AT_DOOR}, headers=winner
+        f"{BASE}/{request_id}/complete", json={"service_minutes": 10, "summary": "陪同就医", **AT_DOOR}, headers=winner
     )
     assert done.status == 200
     return request_id, resident, winner
@@ -351,7 +351,7 @@ async def test_repeat_ratings_count_once(services, client):
         await client.post(f"{BASE}/{request_id}/accept", headers=worker_auth)
         await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=worker_auth)
         await client.post(
-            f"{BASE}/{request_id}/complete", json={"service_minutes": 30, "summary": "陪伴", **AT_DOOR},
+            f"{BASE}/{request_id}/complete", json={"service_minutes": 10, "summary": "陪伴", **AT_DOOR},
             headers=worker_auth,
         )
         _, rated = await client.post(f"{BASE}/{request_id}/rating", json={"stars": stars}, headers=resident)
