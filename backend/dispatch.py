@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from tortoise.expressions import Subquery
 from tortoise.transactions import in_transaction
 
 from backend import clock, notifications
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # A request left in `matching` this long (index down, or a crash after a transition) is
 # matched again by the scheduler.
 STALLED_AFTER_S = 10
+# Requests moved on to their next ring per scheduler step; the rest wait for the next step.
+ADVANCE_BATCH = 50
 # Offers that end without a winner: their workers are not searched again for this request.
 _SPENT_OFFER_STATUSES = (OfferStatus.DECLINED, OfferStatus.EXPIRED, OfferStatus.WITHDRAWN)
 
@@ -172,15 +175,26 @@ async def advance_if_exhausted(services: Services, request_id: int) -> None:
 
 
 async def expire_offers(services: Services) -> int:
-    """Expire offers past their time and move their requests on; returns offers expired."""
-    now = clock.now()
-    due = await Offer.filter(status=OfferStatus.OPEN, expires_at__lte=now).values_list("id", "service_request_id")
-    if not due:
-        return 0
-    expired = await Offer.filter(id__in=[offer_id for offer_id, _ in due], status=OfferStatus.OPEN).update(
+    """Expire offers past their time, then move on requests left without an open offer.
+
+    Expiring is one UPDATE, so it keeps up however many offers fall due. Moving requests on is
+    slower (a search each), so one call handles at most ADVANCE_BATCH of them and the next tick
+    takes the rest. Requests are found by their state, not by the offers this call expired, so
+    a request whose advance was cut short by a crash is picked up again.
+    Returns the number of offers expired.
+    """
+    expired = await Offer.filter(status=OfferStatus.OPEN, expires_at__lte=clock.now()).update(
         status=OfferStatus.EXPIRED
     )
-    for request_id in sorted({request_id for _, request_id in due}):
+    open_offer_requests = Subquery(Offer.filter(status=OfferStatus.OPEN).values("service_request_id"))
+    exhausted = (
+        await ServiceRequest.filter(status=RequestStatus.OFFERED)
+        .exclude(id__in=open_offer_requests)
+        .order_by("id")
+        .limit(ADVANCE_BATCH)
+        .values_list("id", flat=True)
+    )
+    for request_id in exhausted:
         await advance_if_exhausted(services, request_id)
     return expired
 

@@ -558,3 +558,20 @@ async def test_failed_creates_do_not_use_hourly_budget(services, client):
         _, response = await client.post(BASE, json=request_body(), headers=resident)
         statuses.append(response.status)
     assert statuses == [201, 201, 429]
+
+
+async def test_offered_request_without_open_offers_recovers(services, client):
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    farther = await make_worker(services, agencies["approved"], north_of(SIMING, 7000), radius_m=10_000)
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    # A crash between expiring the offers and moving the request on leaves exactly this state.
+    await Offer.filter(service_request_id=created["id"]).update(status=OfferStatus.EXPIRED)
+
+    done = await scheduler.run_once(services)
+
+    assert done["offers_expired"] == 0
+    request = await ServiceRequest.get(id=created["id"])
+    assert request.search_ring == 2
+    assert await _offered_ids(request.id) == {farther.id}
