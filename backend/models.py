@@ -53,7 +53,7 @@ class RequestStatus(str, Enum):
 
 
 class DispatchStage(str, Enum):
-    """Where an unassigned request is looked for: a search ring, or its station's queue."""
+    """The stage of an unassigned request's search: a search ring, or its station's queue."""
 
     RING = "ring"
     STATION_QUEUE = "station_queue"
@@ -98,7 +98,7 @@ class District(Model):
 
 
 class ServiceStation(Model):
-    """One social-work service station per street or town; stands in for its street in matching."""
+    """A social-work service station, one per street or town, which represents its street in matching."""
 
     id = fields.IntField(primary_key=True)
     street_code = fields.CharField(max_length=9, unique=True)
@@ -170,7 +170,7 @@ class ServiceRequest(Model):
     id = fields.IntField(primary_key=True)
     resident = fields.ForeignKeyField("models.User", related_name="service_requests")
     category = fields.CharField(max_length=32)
-    language = fields.CharField(max_length=32, null=True)  # a language the resident asks the worker to speak
+    language = fields.CharField(max_length=32, null=True)  # a language the resident wants the worker to speak, e.g. 闽南语
     description = fields.TextField()
     address = fields.CharField(max_length=255)
     lat = fields.FloatField()
