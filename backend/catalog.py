@@ -14,8 +14,8 @@ class Category:
     min_certificate_level: str
 
 
-# Work with children, mental health and family conflict carries more risk, so it asks for a
-# full 社会工作师 certificate; the rest can be done by a 助理社会工作师.
+# Work with children, mental health and family conflict carries more risk, so it requires a
+# full 社会工作师 certificate. A 助理社会工作师 may do the rest.
 CATEGORIES: tuple[Category, ...] = (
     Category("elderly_care", "养老照护", "assistant"),
     Category("child_care", "儿童关爱", "intermediate"),

@@ -52,7 +52,7 @@ async def _excluded_workers(request: ServiceRequest) -> frozenset[int]:
     spent = await Offer.filter(service_request_id=request.id, status__in=list(_SPENT_OFFER_STATUSES)).values_list(
         "worker_id", flat=True
     )
-    # A worker who asks for help as a resident is never offered their own request.
+    # A worker who requests help as a resident is never offered their own request.
     own = await Worker.filter(user_id=request.resident_id).values_list("id", flat=True)
     return frozenset(spent) | frozenset(own)
 

@@ -10,7 +10,7 @@ import redis.asyncio as redis
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 64
-# redis-py's plain asyncio pool raises "Too many connections" when it runs dry; the blocking
+# redis-py's plain asyncio pool raises "Too many connections" when it runs dry. The blocking
 # pool makes a caller wait up to this long for a free connection instead.
 POOL_TIMEOUT_S = 5.0
 SOCKET_TIMEOUT_S = 5.0

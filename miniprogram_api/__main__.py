@@ -93,8 +93,8 @@ def serve_workers(settings: Settings, count: int) -> None:
     loader = AppLoader(factory=functools.partial(entry_module.build_worker_app, settings))
     app = loader.load()
     # NOTE: Sanic 25.12 binds one listening socket in this process and every worker accepts
-    # from it, so a burst of new keep-alive connections can all land on one worker (seen with
-    # scripts/load), and nothing moves them to the idle worker afterwards.
+    # from it. A burst of new keep-alive connections can therefore all land on one worker (seen
+    # with scripts/load), and nothing moves them to the idle worker afterwards.
     app.prepare(host=settings.host, port=settings.port, workers=count, access_log=False, motd=False)
     log.info("starting %d Sanic worker processes on %s:%d", count, settings.host, settings.port)
     Sanic.serve(primary=app, app_loader=loader)
