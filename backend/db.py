@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tortoise import Tortoise, connections
+from tortoise.utils import get_schema_sql
 
 MODEL_MODULES = ["backend.models"]
 
@@ -40,6 +41,19 @@ async def init_db(database_url: str, *, create_schema: bool = True, global_fallb
         # NOTE: safe=True only creates missing tables; a changed column needs a migration
         # tool (aerich) once the schema starts to evolve in production.
         await Tortoise.generate_schemas(safe=True)
+        await create_missing_indexes()
+
+
+async def create_missing_indexes() -> None:
+    """Create the indexes declared on models whose tables already existed.
+
+    generate_schemas(safe=True) skips a table that exists together with its indexes, so an
+    index added to a model later would never reach a database made before it.
+    """
+    connection = connections.get("default")
+    for line in get_schema_sql(connection, safe=True).splitlines():
+        if line.startswith("CREATE INDEX IF NOT EXISTS"):
+            await connection.execute_script(line)
 
 
 async def close_db() -> None:

@@ -128,7 +128,7 @@ class CreditEvent(Model):
     """One change of an agency's credit_score, with the reason, kept for its public history."""
 
     id = fields.IntField(primary_key=True)
-    agency = fields.ForeignKeyField("models.Agency", related_name="credit_events")
+    agency = fields.ForeignKeyField("models.Agency", related_name="credit_events", db_index=True)
     score = fields.FloatField()
     reason_code = fields.CharField(max_length=32, default="rating")
     reason = fields.CharField(max_length=255)  # Simplified Chinese, shown on the agency dashboard
@@ -143,7 +143,7 @@ class CreditEvent(Model):
 class Worker(Model):
     id = fields.IntField(primary_key=True)
     user = fields.OneToOneField("models.User", related_name="worker")
-    agency = fields.ForeignKeyField("models.Agency", related_name="workers")
+    agency = fields.ForeignKeyField("models.Agency", related_name="workers", db_index=True)
     name = fields.CharField(max_length=64)
     certificate_level = fields.CharEnumField(CertificateLevel, max_length=16)
     certificate_no = fields.CharField(max_length=64, unique=True)
@@ -181,7 +181,7 @@ class ServiceRequest(Model):
     status = fields.CharEnumField(RequestStatus, max_length=16, default=RequestStatus.MATCHING)
     stage = fields.CharEnumField(DispatchStage, max_length=16, default=DispatchStage.RING)
     search_ring = fields.SmallIntField(default=1)  # 1-based index into SEARCH_RADII_M
-    worker = fields.ForeignKeyField("models.Worker", related_name="service_requests", null=True)
+    worker = fields.ForeignKeyField("models.Worker", related_name="service_requests", null=True, db_index=True)
     preferred_start = fields.DatetimeField(null=True)
     preferred_end = fields.DatetimeField(null=True)
     accepted_at = fields.DatetimeField(null=True)
@@ -199,6 +199,8 @@ class ServiceRequest(Model):
 
     class Meta:
         table = "service_requests"
+        # The scheduler's scans: requests stalled in matching, and offered requests.
+        indexes = (("status", "stage", "updated_at"),)
 
 
 class Offer(Model):
@@ -215,6 +217,8 @@ class Offer(Model):
     class Meta:
         table = "offers"
         unique_together = (("service_request", "worker"),)
+        # Expiry scans open offers by time; a worker's poll reads their open offers.
+        indexes = (("status", "expires_at"), ("worker_id", "status"))
 
 
 class Rating(Model):
@@ -222,7 +226,7 @@ class Rating(Model):
     # unique: the database itself stops a second rating of the same request.
     service_request = fields.OneToOneField("models.ServiceRequest", related_name="rating")
     worker = fields.ForeignKeyField("models.Worker", related_name="ratings")
-    agency = fields.ForeignKeyField("models.Agency", related_name="ratings")
+    agency = fields.ForeignKeyField("models.Agency", related_name="ratings", db_index=True)
     resident = fields.ForeignKeyField("models.User", related_name="ratings_given")
     # Only a resident's latest rating of a worker counts toward averages and credit, so a
     # worker cannot raise their own score through repeated jobs for one (possibly fake) account.
@@ -233,6 +237,7 @@ class Rating(Model):
 
     class Meta:
         table = "ratings"
+        indexes = (("resident_id", "worker_id"),)
 
 
 class DispatchEvent(Model):
@@ -243,7 +248,7 @@ class DispatchEvent(Model):
     """
 
     id = fields.IntField(primary_key=True)
-    service_request = fields.ForeignKeyField("models.ServiceRequest", related_name="events")
+    service_request = fields.ForeignKeyField("models.ServiceRequest", related_name="events", db_index=True)
     kind = fields.CharField(max_length=32)
     ring = fields.SmallIntField(null=True)
     worker_id = fields.IntField(null=True)
@@ -277,6 +282,8 @@ class Notification(Model):
 
     class Meta:
         table = "notifications"
+        # Delivery scans pending rows that are due.
+        indexes = (("status", "next_attempt_at"),)
 
 
 class ContentFlag(Model):
