@@ -48,19 +48,26 @@ async def _record_event(request_id: int, kind: str, *, ring: int | None = None, 
     )
 
 
-async def _excluded_workers(request: ServiceRequest) -> frozenset[int]:
+async def _excluded_workers(request: ServiceRequest, resident_may_be_worker: bool) -> frozenset[int]:
     spent = await Offer.filter(service_request_id=request.id, status__in=list(_SPENT_OFFER_STATUSES)).values_list(
         "worker_id", flat=True
     )
     # A worker who requests help as a resident is never offered their own request.
-    own = await Worker.filter(user_id=request.resident_id).values_list("id", flat=True)
+    own = []
+    if resident_may_be_worker:
+        own = await Worker.filter(user_id=request.resident_id).values_list("id", flat=True)
     return frozenset(spent) | frozenset(own)
 
 
 async def _send_offers(services: Services, request: ServiceRequest, ring: int, candidates: list[Candidate]) -> bool:
-    """Move the request from `matching` to `offered` at `ring` and write the offers, atomically."""
+    """Move the request from `matching` to `offered` at `ring` and write the offers, atomically.
+
+    A fixed number of statements whatever the number of candidates: one UPDATE, one SELECT, and
+    one multi-row INSERT each for offers, notifications and the event.
+    """
     now = clock.now()
     expires_at = now + timedelta(seconds=services.settings.offer_ttl_s)
+    worker_ids = [candidate.hit.document.worker_id for candidate in candidates]
     async with in_transaction():
         moved = await ServiceRequest.filter(
             id=request.id, status=RequestStatus.MATCHING, stage=DispatchStage.RING, search_ring=ring
@@ -68,31 +75,40 @@ async def _send_offers(services: Services, request: ServiceRequest, ring: int, c
         if moved == 0:
             return False
 
-        existing = {offer.worker_id: offer for offer in await Offer.filter(service_request_id=request.id)}
-        for candidate in candidates:
-            worker_id = candidate.hit.document.worker_id
-            fields = {
-                "status": OfferStatus.OPEN,
-                "ring": ring,
-                "distance_m": round(candidate.hit.distance_m),
-                "score": round(candidate.score, 4),
-                "created_at": now,
-                "expires_at": expires_at,
-            }
-            if worker_id in existing:
-                # Closed when another worker won; offered again after that worker withdrew.
-                await Offer.filter(id=existing[worker_id].id).update(**fields)
-            else:
-                await Offer.create(service_request_id=request.id, worker_id=worker_id, **fields)
-            worker_user_id = (await Worker.get(id=worker_id)).user_id
-            await notifications.enqueue(
-                worker_user_id,
+        user_ids = dict(await Worker.filter(id__in=worker_ids).values_list("id", "user_id"))
+        offers = [
+            Offer(
+                service_request_id=request.id,
+                worker_id=candidate.hit.document.worker_id,
+                status=OfferStatus.OPEN,
+                ring=ring,
+                distance_m=round(candidate.hit.distance_m),
+                score=round(candidate.score, 4),
+                created_at=now,
+                expires_at=expires_at,
+            )
+            for candidate in candidates
+        ]
+        # A worker may hold a closed offer of this request from an earlier round (another
+        # worker won, then withdrew), so an existing row is opened again in place.
+        await Offer.bulk_create(
+            offers,
+            on_conflict=["service_request_id", "worker_id"],
+            update_fields=["status", "ring", "distance_m", "score", "created_at", "expires_at"],
+        )
+        await notifications.enqueue_many([
+            notifications.Outgoing(
+                user_ids[candidate.hit.document.worker_id],
                 "offer_new",
-                dedupe_key=f"offer:{request.id}:{worker_id}:{now.timestamp():.0f}",
+                dedupe_key=f"offer:{request.id}:{candidate.hit.document.worker_id}:{now.timestamp():.0f}",
                 service_request_id=request.id,
                 data={"category": request.category, "distance_m": round(candidate.hit.distance_m)},
             )
+            for candidate in candidates
+        ])
         await _record_event(request.id, "offers_sent", ring=ring)
+    request.status = RequestStatus.OFFERED
+    request.updated_at = now
     log.info("offers sent request_id=%s ring=%s workers=%s", request.id, ring, len(candidates))
     return True
 
@@ -127,15 +143,21 @@ async def _widen(services: Services, request: ServiceRequest, ring: int, from_st
     return bool(moved)
 
 
-async def run_matching(services: Services, request_id: int) -> list[Candidate]:
+async def run_matching(
+    services: Services, request_id: int, *, loaded: ServiceRequest | None = None, resident_may_be_worker: bool = True
+) -> list[Candidate]:
     """Search the request's current ring, widening until someone is offered it or it is queued.
 
     Returns the candidates offered, or [] when the request was queued at its station, is being
     handled by another process, or the index is unavailable (the scheduler retries later).
+    A caller that has just created the request passes it as `loaded`, which saves reading it
+    back, and says whether its resident has a worker profile. When offers are sent, `loaded`
+    is updated to the request's new status.
     """
     radii = services.settings.search_radii_m
     for _ in range(len(radii) + 1):
-        request = await ServiceRequest.get_or_none(id=request_id)
+        request = loaded or await ServiceRequest.get_or_none(id=request_id)
+        loaded = None  # read again after a widening
         if request is None or request.status != RequestStatus.MATCHING or request.stage != DispatchStage.RING:
             return []
         ring = min(request.search_ring, len(radii))
@@ -148,7 +170,7 @@ async def run_matching(services: Services, request_id: int) -> list[Candidate]:
                 min_certificate_rank=min_rank(request.category),
                 radius_m=radii[ring - 1],
                 count=services.settings.offer_count,
-                exclude_worker_ids=await _excluded_workers(request),
+                exclude_worker_ids=await _excluded_workers(request, resident_may_be_worker),
                 language=request.language,
             )
         except IndexUnavailable:

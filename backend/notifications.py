@@ -31,9 +31,6 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tortoise.exceptions import IntegrityError
-from tortoise.transactions import in_transaction
-
 from backend import clock
 from backend.catalog import CATEGORIES_BY_CODE
 from backend.models import Notification, NotificationStatus, User
@@ -82,6 +79,17 @@ ASSIGNED_PHRASE = "新指派"
 ASSIGNED_HINT = "服务站已将该需求指派给您"
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """A subscribe message to queue for a user."""
+
+    user_id: int
+    kind: str
+    dedupe_key: str
+    service_request_id: int | None = None
+    data: dict | None = None
+
+
 async def enqueue(
     user_id: int,
     kind: str,
@@ -90,42 +98,46 @@ async def enqueue(
     service_request_id: int | None = None,
     data: dict | None = None,
 ) -> None:
-    """Queue a subscribe message for user_id, due now. A dedupe_key already queued is a no-op.
+    """Queue one subscribe message for user_id, due now; see enqueue_many."""
+    await enqueue_many([Outgoing(user_id, kind, dedupe_key, service_request_id, data)])
 
-    Call it inside the transaction of the state change it announces, so both commit or
-    neither does. Raises ValueError for an unknown kind or a dedupe_key that is empty or
-    longer than DEDUPE_KEY_MAX_CHARS.
+
+async def enqueue_many(messages: list[Outgoing]) -> None:
+    """Queue subscribe messages, due now, in one INSERT. A dedupe_key already queued is skipped.
+
+    Call it inside the transaction of the state change the messages announce, so both commit
+    or neither does. Raises ValueError for an unknown kind or a dedupe_key that is empty or
+    longer than DEDUPE_KEY_MAX_CHARS, and IntegrityError for an unknown user.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown notification kind {kind!r}, expected one of {sorted(KINDS)}")
-    if not dedupe_key or len(dedupe_key) > DEDUPE_KEY_MAX_CHARS:
-        raise ValueError(f"dedupe_key must have 1 to {DEDUPE_KEY_MAX_CHARS} characters, got {dedupe_key!r}")
-
-    if await Notification.filter(dedupe_key=dedupe_key).exists():
-        log.info("notification already queued kind=%s dedupe_key=%s", kind, dedupe_key)
+    for message in messages:
+        if message.kind not in KINDS:
+            raise ValueError(f"unknown notification kind {message.kind!r}, expected one of {sorted(KINDS)}")
+        if not message.dedupe_key or len(message.dedupe_key) > DEDUPE_KEY_MAX_CHARS:
+            raise ValueError(
+                f"dedupe_key must have 1 to {DEDUPE_KEY_MAX_CHARS} characters, got {message.dedupe_key!r}"
+            )
+    if not messages:
         return
 
     now = clock.now()
-    try:
-        # Inside the caller's transaction this is a savepoint. A concurrent transaction that
-        # inserted the same key first makes the insert fail, and only the savepoint rolls
-        # back, so the caller's PostgreSQL transaction is not aborted.
-        async with in_transaction():
-            await Notification.create(
-                user_id=user_id,
-                kind=kind,
-                service_request_id=service_request_id,
-                data=data or {},
-                status=NotificationStatus.PENDING,
-                next_attempt_at=now,
-                dedupe_key=dedupe_key,
-                created_at=now,
-            )
-    except IntegrityError:
-        # Anything else that breaks a constraint, such as an unknown user, is the caller's bug.
-        if not await Notification.filter(dedupe_key=dedupe_key).exists():
-            raise
-        log.info("notification already queued by a concurrent transaction kind=%s dedupe_key=%s", kind, dedupe_key)
+    rows = [
+        Notification(
+            user_id=message.user_id,
+            kind=message.kind,
+            service_request_id=message.service_request_id,
+            data=message.data or {},
+            status=NotificationStatus.PENDING,
+            next_attempt_at=now,
+            dedupe_key=message.dedupe_key,
+            created_at=now,
+        )
+        for message in messages
+    ]
+    # ON CONFLICT DO NOTHING (INSERT OR IGNORE on SQLite) skips a row whose dedupe_key is
+    # taken, also when a concurrent transaction took it first, and unlike a failed insert it
+    # leaves the caller's PostgreSQL transaction usable. It skips only unique-key conflicts:
+    # a foreign key that points nowhere still raises.
+    await Notification.bulk_create(rows, ignore_conflicts=True)
 
 
 async def deliver_due(services, limit: int = 100) -> int:

@@ -123,8 +123,13 @@ async def create_request(
     await content_check.flag(verdict, "service_request.description", request.id, resident.id)
     log.info("service request created request_id=%s category=%s", request.id, category)
 
-    candidates = await dispatch.run_matching(services, request.id)
-    await request.refresh_from_db()
+    candidates = await dispatch.run_matching(
+        services, request.id, loaded=request, resident_may_be_worker=Role.WORKER.value in resident.roles
+    )
+    if request.status != RequestStatus.OFFERED:
+        # Widened, queued at its station, or taken over by the scheduler: read what happened.
+        await request.refresh_from_db()
+        await request.fetch_related("station")
     return request, candidates
 
 

@@ -62,7 +62,6 @@ async def create(request: Request):
         language=body.get("language"),
     )
     await rate_limit.record(services.redis, "request_create_user", str(request.ctx.user.id), 3600)
-    await created.fetch_related("station")
     view = request_view(
         created, "resident", candidates=[candidate_view(c) for c in candidates], radii_m=services.settings.search_radii_m
     )

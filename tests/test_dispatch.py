@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -424,6 +425,46 @@ async def test_offer_notifications_enqueued(services, client):
     await _create(client, resident)
     for worker in workers:
         assert await Notification.filter(user_id=worker.user_id, kind="offer_new").count() == 1
+
+
+class _StatementCounter(logging.Handler):
+    """Counts the SQL statements Tortoise logs at DEBUG level."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+async def _statements_to_create(client, headers) -> tuple[int, int]:
+    counter = _StatementCounter()
+    db_log = logging.getLogger("tortoise.db_client")
+    level = db_log.level
+    db_log.setLevel(logging.DEBUG)
+    db_log.addHandler(counter)
+    try:
+        created = await _create(client, headers)
+    finally:
+        db_log.removeHandler(counter)
+        db_log.setLevel(level)
+    return counter.count, len(await _offered_ids(created["id"]))
+
+
+async def test_offer_statements_independent_of_count(services, client):
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 300))
+    resident, _ = await login_resident(client)
+    one_offer = await _statements_to_create(client, resident)
+    for i in range(4):
+        await make_worker(services, agencies["approved"], north_of(SIMING, 600 + 300 * i))
+
+    five_offers = await _statements_to_create(client, resident)
+
+    assert one_offer[1] == 1
+    assert five_offers[1] == 5
+    assert five_offers[0] == one_offer[0]
 
 
 async def test_two_schedulers_step_once(services, client):
