@@ -196,18 +196,22 @@ async def advance_if_exhausted(services: Services, request_id: int) -> None:
         await run_matching(services, request.id)
 
 
-async def expire_offers(services: Services) -> int:
-    """Expire offers past their time, then move on requests left without an open offer.
+async def expire_due_offers() -> int:
+    """Expire every open offer past its time in one UPDATE; returns how many.
 
-    Expiring is one UPDATE, so it keeps up however many offers fall due. Moving requests on is
-    slower (a search each), so one call handles at most ADVANCE_BATCH of them and the next tick
-    takes the rest. Requests are found by their state, not by the offers this call expired, so
-    a request whose advance was cut short by a crash is picked up again.
-    Returns the number of offers expired.
+    The scheduler runs this on its own short timer, apart from the slower steps, so an offer
+    is closed within about one scheduler interval of its expiry even while those steps are busy.
     """
-    expired = await Offer.filter(status=OfferStatus.OPEN, expires_at__lte=clock.now()).update(
-        status=OfferStatus.EXPIRED
-    )
+    return await Offer.filter(status=OfferStatus.OPEN, expires_at__lte=clock.now()).update(status=OfferStatus.EXPIRED)
+
+
+async def advance_exhausted(services: Services) -> int:
+    """Move on requests left without an open offer, at most ADVANCE_BATCH of them per call.
+
+    Each one needs a search, so the next call takes the rest. Requests are found by their state,
+    not by the offers that just expired, so a request whose advance was cut short by a crash is
+    picked up again. Returns the number of requests looked at.
+    """
     open_offer_requests = Subquery(Offer.filter(status=OfferStatus.OPEN).values("service_request_id"))
     exhausted = (
         await ServiceRequest.filter(status=RequestStatus.OFFERED)
@@ -218,7 +222,7 @@ async def expire_offers(services: Services) -> int:
     )
     for request_id in exhausted:
         await advance_if_exhausted(services, request_id)
-    return expired
+    return len(exhausted)
 
 
 async def retry_stalled(services: Services) -> int:

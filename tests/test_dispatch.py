@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from backend import clock, scheduler
+from backend import clock, notifications, scheduler
 from backend.models import (
     DispatchEvent,
     Notification,
@@ -21,6 +22,8 @@ from backend.models import (
     ServiceRequest,
     User,
 )
+from backend.wechat import WeChatGateway
+from scripts.wechat_standin import make_server
 from tests.factories import (
     AT_DOOR,
     SIMING,
@@ -494,6 +497,50 @@ async def test_lease_held_by_one_process(services):
     assert await first.acquire()  # renewal
     await first.release()
     assert await second.acquire()
+
+
+@pytest.fixture
+def slow_wechat_services(services):
+    """The test services on a stand-in WeChat server that takes 3 s to hand out an access token."""
+    server = make_server("127.0.0.1", 0, token_delay_s=3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    settings = dataclasses.replace(
+        services.settings,
+        wechat_api_base_url=f"http://{host}:{port}/",
+        wechat_timeout_s=5.0,
+        template_request_status="tpl-status",
+    )
+    gateway = WeChatGateway(settings)
+    yield dataclasses.replace(services, settings=settings, wechat=gateway)
+    gateway.close()
+    server.shutdown()
+    server.server_close()
+
+
+async def test_expiry_not_held_up_by_slow_notifications(slow_wechat_services, client):
+    services = slow_wechat_services
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    resident, resident_id = await login_resident(client)
+    created = await _create(client, resident)
+    await notifications.enqueue(resident_id, "request_accepted", dedupe_key="slow-send")
+
+    loops = asyncio.create_task(scheduler.run_forever(services, interval_s=0.05))
+    try:
+        await asyncio.sleep(0.3)  # the notification loop is now waiting for its token
+        advance(services.settings.offer_ttl_s + 1)
+        for _ in range(20):  # 1 s, well inside the 3 s the send waits for its token
+            if not await _offered_ids(created["id"]):
+                break
+            await asyncio.sleep(0.05)
+        assert not await Offer.filter(service_request_id=created["id"], ring=1, status=OfferStatus.OPEN).exists()
+        # The send has not finished, so the expiry above did not wait for it.
+        assert await Notification.get(dedupe_key="slow-send").values_list("status", flat=True) == "pending"
+    finally:
+        loops.cancel()
+        await asyncio.gather(loops, return_exceptions=True)
 
 
 async def test_rejected_worker_loses_offers_and_jobs(services, client):
