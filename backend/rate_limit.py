@@ -28,8 +28,9 @@ KEY_PREFIX = "linli:rate:"
 IPV6_PREFIX_LENGTH = 64
 UNKNOWN_CLIENT = "unknown"
 
-# KEYS[1]: sorted set of hits. ARGV: now in ms, window in ms, limit, a unique member for this hit.
-# Returns 0 when the hit is allowed, else the milliseconds until one would be.
+# KEYS[1]: sorted set of hits. ARGV: now in ms, window in ms, limit, and a unique member for
+# this hit, or '' to check without recording. Returns 0 when the hit is allowed, else the
+# milliseconds until one would be.
 _HIT_SCRIPT = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -37,8 +38,10 @@ local limit = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local count = redis.call('ZCARD', KEYS[1])
 if count < limit then
-    redis.call('ZADD', KEYS[1], now, ARGV[4])
-    redis.call('PEXPIRE', KEYS[1], window)
+    if ARGV[4] ~= '' then
+        redis.call('ZADD', KEYS[1], now, ARGV[4])
+        redis.call('PEXPIRE', KEYS[1], window)
+    end
     return 0
 end
 -- After a lowered limit the set may hold more hits than the limit, so the hit that has to
@@ -57,6 +60,11 @@ class RateLimitExceeded(RateLimited):
         self.scope = scope
 
 
+def _unique_member(now_ms: int) -> str:
+    # Unique, so two hits in the same millisecond both count.
+    return f"{now_ms}:{secrets.token_hex(6)}"
+
+
 def _key(scope: str, identity: str) -> str:
     # Identities may be phone numbers, openids or user ids, so only a digest goes into Redis.
     # NOTE: an unkeyed SHA-256 of a small space (IPv4 addresses, phone numbers) can be reversed
@@ -65,18 +73,12 @@ def _key(scope: str, identity: str) -> str:
     return f"{KEY_PREFIX}{scope}:{digest}"
 
 
-async def hit(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> None:
-    """Record one hit of `identity` in `scope`, or raise RateLimitExceeded if `limit` hits
-    were already allowed in the last `window_s` seconds.
-
-    Times come from backend.clock, so tests can move them, and every API host must keep its
-    clock in sync (NTP) because the hits of all hosts share one window.
-    """
+async def _run(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int, *, record: bool) -> None:
     if limit < 1 or window_s < 1:
         raise ValueError(f"limit and window_s must be at least 1, got limit={limit} window_s={window_s}")
 
     now_ms = int(clock.now().timestamp() * 1000)
-    member = f"{now_ms}:{secrets.token_hex(6)}"  # unique, so two hits in the same ms both count
+    member = _unique_member(now_ms) if record else ""
     wait_ms = await client.eval(_HIT_SCRIPT, 1, _key(scope, identity), now_ms, window_s * 1000, limit, member)
     if not wait_ms:
         return
@@ -87,20 +89,21 @@ async def hit(client: redis.Redis, scope: str, identity: str, limit: int, window
     raise RateLimitExceeded(retry_after_s, scope=scope)
 
 
+async def hit(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> None:
+    """Record one hit of `identity` in `scope`, or raise RateLimitExceeded if `limit` hits
+    were already allowed in the last `window_s` seconds.
+
+    Times come from backend.clock, so tests can move them, and every API host must keep its
+    clock in sync (NTP) because the hits of all hosts share one window.
+    """
+    await _run(client, scope, identity, limit, window_s, record=True)
+
+
 async def check(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> None:
     """Raise RateLimitExceeded when `identity` already has `limit` hits in the window, without
     recording one. With record(), this counts only the attempts that a caller chooses to count,
     such as failed passwords or requests actually created."""
-    now_ms = int(clock.now().timestamp() * 1000)
-    key = _key(scope, identity)
-    await client.zremrangebyscore(key, "-inf", now_ms - window_s * 1000)
-    hits = await client.zrange(key, 0, -1, withscores=True)
-    if len(hits) < limit:
-        return
-    oldest_blocking_ms = hits[len(hits) - limit][1]
-    retry_after_s = min(window_s, max(1, math.ceil((oldest_blocking_ms + window_s * 1000 - now_ms) / 1000)))
-    log.info("rate limit exceeded scope=%s limit=%d window_s=%d retry_after_s=%d", scope, limit, window_s, retry_after_s)
-    raise RateLimitExceeded(retry_after_s, scope=scope)
+    await _run(client, scope, identity, limit, window_s, record=False)
 
 
 async def record(client: redis.Redis, scope: str, identity: str, window_s: int) -> None:
@@ -108,7 +111,7 @@ async def record(client: redis.Redis, scope: str, identity: str, window_s: int) 
     now_ms = int(clock.now().timestamp() * 1000)
     key = _key(scope, identity)
     async with client.pipeline(transaction=True) as pipe:
-        pipe.zadd(key, {f"{now_ms}:{secrets.token_hex(6)}": now_ms})
+        pipe.zadd(key, {_unique_member(now_ms): now_ms})
         pipe.pexpire(key, window_s * 1000)
         await pipe.execute()
 
