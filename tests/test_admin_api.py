@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.models import AgencyStatus, Worker, WorkerStatus
+from backend.models import AgencyStatus, ServiceStation, Worker, WorkerStatus
 from tests.factories import SIMING, login_resident, make_city, make_worker, officer_headers, request_body
 
 
@@ -78,6 +78,39 @@ async def test_manager_account_reads_own_agency(services, client):
     _, duplicate = await client.post(f"/api/v1/admin/agencies/{agencies['other'].id}/managers", json=body,
                                      headers=officer)
     assert duplicate.status == 409
+
+
+async def test_station_staff_account_reads_own_queue(services, client):
+    await make_city()
+    own_station, other_station = await ServiceStation.all().order_by("id").limit(2)
+    officer = await officer_headers(services)
+    body = {"username": "station-staff-xm", "password": "station-password-1"}
+
+    _, created = await client.post(f"/api/v1/admin/stations/{own_station.id}/staff", json=body, headers=officer)
+    _, login = await client.post("/api/v1/auth/password-login", json=body)
+    staff = {"Authorization": f"Bearer {login.json['token']}"}
+    _, own = await client.get(f"/api/v1/stations/{own_station.id}/queue", headers=staff)
+    _, other = await client.get(f"/api/v1/stations/{other_station.id}/queue", headers=staff)
+
+    assert created.status == 201, created.json
+    assert created.json == {
+        "id": created.json["id"],
+        "username": "station-staff-xm",
+        "roles": ["station_staff"],
+        "station_id": own_station.id,
+    }
+    assert own.status == 200
+    assert other.status == 403
+
+
+@pytest.mark.parametrize("station_id", ["999999", "not-an-id"])
+async def test_station_staff_unknown_station_not_found(services, client, station_id):
+    body = {"username": "station-staff-xm", "password": "station-password-1"}
+    _, response = await client.post(f"/api/v1/admin/stations/{station_id}/staff", json=body,
+                                    headers=await officer_headers(services))
+    assert response.status == 404
+    assert response.json["error"]["code"] == "not_found"
+    assert response.json["error"]["message"] == "找不到该服务站。"
 
 
 @pytest.mark.parametrize("body", [{"username": "x", "password": "short"}, {"username": "", "password": "p" * 12},
