@@ -183,10 +183,44 @@ async def test_replay_record_expires_after_a_day(services, test_app, alice):
     assert RECORD_TTL_S - 60 < await services.redis.ttl(key) <= RECORD_TTL_S
 
 
-async def test_different_body_rejected(test_app, alice):
+DEEP_JSON_BODY = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError at the default limit
+
+
+@pytest.mark.parametrize(
+    ("first_body", "retry_body"),
+    [
+        (b'{"n": 1, "tags": ["a", "b"]}', b'{"tags":["a","b"],"n":1}'),
+        (b'{"n": 1.5, "name": "\\u6797"}', b'{"name": "\xe6\x9e\x97", "n": 1.50}'),
+        (b"name=a&n=1", b"name=a&n=1"),
+        (DEEP_JSON_BODY, DEEP_JSON_BODY),
+    ],
+    ids=["reordered-keys", "escaped-text", "same-non-json", "too-deep-json"],
+)
+async def test_equivalent_body_replays(test_app, alice, first_body, retry_body):
     headers = {**alice, "Idempotency-Key": "key-1"}
-    await test_app.asgi_client.post("/things", content=b'{"n": 1}', headers=headers)
-    _, response = await test_app.asgi_client.post("/things", content=b'{"n": 2}', headers=headers)
+    _, first = await test_app.asgi_client.post("/things", content=first_body, headers=headers)
+    _, retry = await test_app.asgi_client.post("/things", content=retry_body, headers=headers)
+
+    assert first.status == 201
+    assert retry.status == 201
+    assert retry.body == first.body
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert test_app.ctx.calls["things"] == 1
+
+
+@pytest.mark.parametrize(
+    ("first_body", "retry_body"),
+    [
+        (b'{"n": 1}', b'{"n": 2}'),
+        (b'{"n": 1, "tags": ["a", "b"]}', b'{"tags":["b","a"],"n":1}'),
+        (b"name=a&n=1", b"n=1&name=a"),
+    ],
+    ids=["other-value", "reordered-list", "reordered-non-json"],
+)
+async def test_different_body_rejected(test_app, alice, first_body, retry_body):
+    headers = {**alice, "Idempotency-Key": "key-1"}
+    await test_app.asgi_client.post("/things", content=first_body, headers=headers)
+    _, response = await test_app.asgi_client.post("/things", content=retry_body, headers=headers)
 
     assert response.status == 422
     assert response.json["error"]["code"] == "idempotency_key_reused"
@@ -406,6 +440,23 @@ async def test_create_concurrent_same_key_one_row(services, client):
     created_ids = {response.json["id"] for _, response in responses if response.status == 201}
     assert set(statuses) <= {201, 409}, statuses
     assert len(created_ids) == 1
+    assert await ServiceRequest.all().count() == 1
+
+
+async def test_create_reserialised_body_replays(services, client):
+    await make_city()
+    resident, _ = await login_resident(client)
+    headers = {**resident, "Idempotency-Key": "create-1", "content-type": "application/json"}
+    body = request_body()
+    reversed_body = dict(reversed(list(body.items())))
+
+    _, first = await client.post(BASE, content=jsonlib.dumps(body).encode(), headers=headers)
+    _, replay = await client.post(BASE, content=jsonlib.dumps(reversed_body, indent=2).encode(), headers=headers)
+
+    assert first.status == 201
+    assert replay.status == 201
+    assert replay.body == first.body
+    assert replay.headers["idempotent-replayed"] == "true"
     assert await ServiceRequest.all().count() == 1
 
 
