@@ -488,6 +488,13 @@ async def assign_worker(services: Services, user: User, request_id: int, worker_
         request.category
     ):
         raise Conflict("该社工不提供此类服务或证书等级不足。", field="worker_id", code="worker_not_qualified")
+    # Going off duty declines the worker's open offers, so staff cannot hand them a job either.
+    if not worker.on_duty:
+        raise Conflict(
+            "该社工当前未开启接单，不能指派。请选择正在接单的社工，或请其开启接单后再指派。",
+            field="worker_id",
+            code="worker_off_duty",
+        )
 
     now = clock.now()
     async with in_transaction():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import unicodedata
 
 from collections.abc import AsyncIterator
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 
 MIN_SERVICE_RADIUS_M = 500
 MAX_CERTIFICATE_NO_CHARS = 64  # the column's length
+# Characters that print as nothing, so a pasted certificate number can carry them unseen: zero
+# width space, zero width non-joiner and joiner, word joiner, and the byte order mark.
+_ZERO_WIDTH_CHARS = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# The seeded, demo and load-test certificate numbers (XM2024000123, LOAD-…-W00001) are ASCII
+# letters, digits and '-'. Anything else left after normalising, such as Cyrillic А or Greek Ο,
+# can look like a Latin letter and let one certificate register twice. Normalising upper-cases
+# the number first, so the pattern needs no lower case.
+# NOTE: no official format was checked; widen the pattern if a real certificate number is rejected.
+_CERTIFICATE_NO_PATTERN = re.compile(r"[A-Z0-9-]+")
 MAX_SERVICE_RADIUS_M = 20_000
 MAX_LANGUAGES = 10
 MAX_LANGUAGE_CHARS = 32
@@ -172,8 +182,21 @@ def _parse_categories(raw: object, certificate_level: str) -> list[str]:
 
 
 def normalize_certificate_no(raw: str) -> str:
-    """Fold full-width characters, case and spaces, so one certificate cannot register twice."""
-    return "".join(unicodedata.normalize("NFKC", raw).split()).upper()
+    """Fold full-width characters, case and spaces, and drop zero-width characters, so one
+    certificate cannot register twice."""
+    folded = "".join(unicodedata.normalize("NFKC", raw).split()).upper()
+    return folded.translate(_ZERO_WIDTH_CHARS)
+
+
+def parse_certificate_no(raw: str) -> str:
+    """Normalise a certificate number and raise ValidationError unless it is 1 to
+    MAX_CERTIFICATE_NO_CHARS ASCII letters, digits or '-'."""
+    certificate_no = normalize_certificate_no(raw)
+    if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:
+        raise ValidationError("证书编号格式不正确。", field="certificate_no")
+    if not _CERTIFICATE_NO_PATTERN.fullmatch(certificate_no):
+        raise ValidationError("证书编号只能由英文字母、数字和“-”组成，请对照证书重新输入。", field="certificate_no")
+    return certificate_no
 
 
 async def register_worker(
@@ -191,9 +214,7 @@ async def register_worker(
 ) -> Worker:
     if certificate_level not in CERTIFICATE_RANKS:
         raise ValidationError("证书等级只能是 assistant、intermediate 或 senior。", field="certificate_level")
-    certificate_no = normalize_certificate_no(certificate_no)
-    if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:
-        raise ValidationError("证书编号格式不正确。", field="certificate_no")
+    certificate_no = parse_certificate_no(certificate_no)
     parsed_categories = _parse_categories(categories, certificate_level)
     parsed_languages = parse_languages(languages)
     if not MIN_SERVICE_RADIUS_M <= service_radius_m <= MAX_SERVICE_RADIUS_M:

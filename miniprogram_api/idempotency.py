@@ -12,7 +12,9 @@ One Redis string per (scope, user, key) moves through two states:
     done         the stored response: status, content type and body
 
 A request whose key is in_progress gets 409 idempotency_in_progress. A request whose method,
-path, query or body differ from those of the first request gets 422 idempotency_key_reused.
+path, query or body differ from those of the first request gets 422 idempotency_key_reused. JSON
+bodies are compared after serialising them again with sorted keys, so key order and spacing
+make no difference.
 """
 
 from __future__ import annotations
@@ -97,8 +99,24 @@ def _record_key(scope: str, user_id: int, key: str) -> str:
     return f"{KEY_PREFIX}{scope}:{user_id}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def _canonical_body(body: bytes) -> bytes:
+    """Return the bytes that stand for `body` in the fingerprint, behind a tag for its kind.
+
+    A JSON body is parsed and serialised again with sorted keys and no spaces, because a client
+    that serialises the same object again may order its keys or space them differently. Any other
+    body is kept as sent.
+    """
+    try:
+        parsed = json.loads(body)
+        canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):
+        # Not JSON, or nested deeper than the parser and the encoder can follow.
+        return b"raw:" + body
+    return b"json:" + canonical.encode()
+
+
 def _fingerprint(request: Request) -> str:
-    body_digest = hashlib.sha256(request.body or b"").hexdigest()
+    body_digest = hashlib.sha256(_canonical_body(request.body or b"")).hexdigest()
     parts = (request.method, request.path, request.query_string, body_digest)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

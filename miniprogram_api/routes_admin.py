@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from sanic import Blueprint, Request
 from sanic.response import json
 from sanic_ext import openapi
 
 from backend import admin, clock
-from backend.models import Role
+from backend.models import Role, User
 from miniprogram_api.auth import authenticated
 from miniprogram_api.bodies import json_body, path_id
 
@@ -59,23 +61,43 @@ async def set_agency_status(request: Request, agency_id: str):
     return json({"id": agency.id, "status": agency.status.value})
 
 
+async def _create_staff_account(
+    request: Request,
+    create_account: Callable[..., Awaitable[User]],
+    *,
+    link_field: str,
+    raw_link_id: str,
+    link_label: str,
+):
+    """Create a staff account with `create_account`, one of backend.admin's staff-account functions.
+
+    `raw_link_id` is the agency or station id from the path, and `link_label` names that kind of
+    place in the 404 message. `link_field` is the user's column that ties the account to it, and
+    the response carries it under that name.
+    """
+    body = json_body(request)
+    user = await create_account(
+        request.ctx.user, path_id(raw_link_id, link_label), body.get("username"), body.get("password")
+    )
+    return json(
+        {"id": user.id, "username": user.username, "roles": user.roles, link_field: getattr(user, link_field)},
+        status=201,
+    )
+
+
 @bp.post("/agencies/<agency_id>/managers")
 @openapi.summary("Create an agency manager account (officers)")
 @authenticated(Role.OFFICER)
 async def create_manager(request: Request, agency_id: str):
-    body = json_body(request)
-    user = await admin.create_agency_manager(
-        request.ctx.user, path_id(agency_id, "服务机构"), body.get("username"), body.get("password")
+    return await _create_staff_account(
+        request, admin.create_agency_manager, link_field="agency_id", raw_link_id=agency_id, link_label="服务机构"
     )
-    return json({"id": user.id, "username": user.username, "roles": user.roles, "agency_id": user.agency_id}, status=201)
 
 
 @bp.post("/stations/<station_id>/staff")
 @openapi.summary("Create a service-station staff account (officers)")
 @authenticated(Role.OFFICER)
 async def create_station_staff(request: Request, station_id: str):
-    body = json_body(request)
-    user = await admin.create_station_staff(
-        request.ctx.user, path_id(station_id, "服务站"), body.get("username"), body.get("password")
+    return await _create_staff_account(
+        request, admin.create_station_staff, link_field="station_id", raw_link_id=station_id, link_label="服务站"
     )
-    return json({"id": user.id, "username": user.username, "roles": user.roles, "station_id": user.station_id}, status=201)

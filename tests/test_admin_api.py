@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.models import AgencyStatus, Worker, WorkerStatus
+from backend.models import AgencyStatus, ServiceStation, Worker, WorkerStatus
 from tests.factories import SIMING, login_resident, make_city, make_worker, officer_headers, request_body
 
 
@@ -78,6 +78,39 @@ async def test_manager_account_reads_own_agency(services, client):
     _, duplicate = await client.post(f"/api/v1/admin/agencies/{agencies['other'].id}/managers", json=body,
                                      headers=officer)
     assert duplicate.status == 409
+
+
+async def test_station_staff_account_reads_own_queue(services, client):
+    await make_city()
+    own_station, other_station = await ServiceStation.all().order_by("id").limit(2)
+    officer = await officer_headers(services)
+    body = {"username": "station-staff-xm", "password": "station-password-1"}
+
+    _, created = await client.post(f"/api/v1/admin/stations/{own_station.id}/staff", json=body, headers=officer)
+    _, login = await client.post("/api/v1/auth/password-login", json=body)
+    staff = {"Authorization": f"Bearer {login.json['token']}"}
+    _, own = await client.get(f"/api/v1/stations/{own_station.id}/queue", headers=staff)
+    _, other = await client.get(f"/api/v1/stations/{other_station.id}/queue", headers=staff)
+
+    assert created.status == 201, created.json
+    assert created.json == {
+        "id": created.json["id"],
+        "username": "station-staff-xm",
+        "roles": ["station_staff"],
+        "station_id": own_station.id,
+    }
+    assert own.status == 200
+    assert other.status == 403
+
+
+@pytest.mark.parametrize("station_id", ["999999", "not-an-id"])
+async def test_station_staff_unknown_station_not_found(services, client, station_id):
+    body = {"username": "station-staff-xm", "password": "station-password-1"}
+    _, response = await client.post(f"/api/v1/admin/stations/{station_id}/staff", json=body,
+                                    headers=await officer_headers(services))
+    assert response.status == 404
+    assert response.json["error"]["code"] == "not_found"
+    assert response.json["error"]["message"] == "找不到该服务站。"
 
 
 @pytest.mark.parametrize("body", [{"username": "x", "password": "short"}, {"username": "", "password": "p" * 12},
@@ -163,6 +196,76 @@ async def test_certificate_no_variants_collide(services, client):
                                      headers=second)
     assert duplicate.status == 409
     assert duplicate.json["error"]["code"] == "certificate_no_taken"
+
+
+@pytest.mark.parametrize(
+    "zero_width",
+    ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff"],
+    ids=["zero-width-space", "non-joiner", "joiner", "word-joiner", "byte-order-mark"],
+)
+async def test_certificate_no_zero_width_variants_collide(services, client, zero_width):
+    agencies = await make_city()
+    first, _ = await login_resident(client, "cert-a")
+    second, _ = await login_resident(client, "cert-b")
+    _, registered = await client.post(
+        "/api/v1/workers/me", json=_registration(agencies["approved"].id, f"XM2024{zero_width}001"), headers=first
+    )
+    _, duplicate = await client.post(
+        "/api/v1/workers/me", json=_registration(agencies["approved"].id, "XM2024001"), headers=second
+    )
+
+    assert registered.status == 201, registered.json
+    assert (await Worker.get(id=registered.json["id"])).certificate_no == "XM2024001"
+    assert duplicate.status == 409
+    assert duplicate.json["error"]["code"] == "certificate_no_taken"
+
+
+@pytest.mark.parametrize(
+    "certificate_no",
+    [
+        "X\u041c2024001",  # Cyrillic Em
+        "\u0425M2024001",  # Cyrillic Ha
+        "XM2024\u041e01",  # Cyrillic O
+        "\u0391B-2024",  # Greek Alpha
+        "XM2024\u039f01",  # Greek Omicron
+        "闽XM2024001",
+        "XM\u20142024",  # em dash
+        "XM_2024",
+        "XM2024\u00ad001",  # soft hyphen
+    ],
+)
+async def test_certificate_no_non_ascii_rejected(services, client, certificate_no):
+    agencies = await make_city()
+    resident, _ = await login_resident(client, "cert-lookalike")
+    _, response = await client.post(
+        "/api/v1/workers/me", json=_registration(agencies["approved"].id, certificate_no), headers=resident
+    )
+
+    assert response.status == 400
+    assert response.json["error"]["code"] == "invalid_input"
+    assert response.json["error"]["field"] == "certificate_no"
+    assert response.json["error"]["message"] == "证书编号只能由英文字母、数字和“-”组成，请对照证书重新输入。"
+    assert not await Worker.exists()
+
+
+@pytest.mark.parametrize(
+    ("certificate_no", "stored"),
+    [
+        ("XM2024000123", "XM2024000123"),
+        ("xm-later-1", "XM-LATER-1"),
+        ("ＸＭ－２０２４－１", "XM-2024-1"),
+        ("2008 0310 0000 0001", "2008031000000001"),
+    ],
+)
+async def test_certificate_no_ascii_forms_accepted(services, client, certificate_no, stored):
+    agencies = await make_city()
+    resident, _ = await login_resident(client, "cert-valid")
+    _, response = await client.post(
+        "/api/v1/workers/me", json=_registration(agencies["approved"].id, certificate_no), headers=resident
+    )
+
+    assert response.status == 201, response.json
+    assert (await Worker.get(id=response.json["id"])).certificate_no == stored
 
 
 async def test_officer_cannot_verify_self(services, client):

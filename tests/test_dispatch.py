@@ -188,6 +188,7 @@ async def test_other_station_staff_cannot_assign(services, client):
     ("overrides", "code"),
     [
         ({"verified": False}, "worker_not_matchable"),
+        ({"verified": False, "on_duty": False}, "worker_not_matchable"),
         ({"categories": ("medical_escort",)}, "worker_not_qualified"),
     ],
 )
@@ -202,6 +203,28 @@ async def test_assign_unfit_worker_rejected(services, client, overrides, code):
     )
     assert response.status == 409
     assert response.json["error"]["code"] == code
+
+
+async def test_assign_off_duty_worker_rejected(services, client):
+    agencies = await make_city()
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    worker = await make_worker(services, agencies["approved"], north_of(SIMING, 30_000), on_duty=False)
+
+    _, response = await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": worker.id},
+        headers=await officer_headers(services),
+    )
+
+    assert response.status == 409
+    assert response.json["error"]["code"] == "worker_off_duty"
+    assert response.json["error"]["field"] == "worker_id"
+    assert "未开启接单" in response.json["error"]["message"]
+    request = await ServiceRequest.get(id=created["id"])
+    assert request.status == RequestStatus.MATCHING
+    assert request.worker_id is None
+    assert not await DispatchEvent.filter(service_request_id=request.id, kind="assigned").exists()
+    assert not await Notification.filter(user_id=worker.user_id).exists()
 
 
 async def test_all_decline_widens(services, client):

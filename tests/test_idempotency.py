@@ -6,11 +6,6 @@ import asyncio
 import collections
 import functools
 import json as jsonlib
-import os
-import socket
-import subprocess
-import sys
-import time
 from datetime import datetime, timedelta, timezone
 
 import httpx
@@ -22,7 +17,6 @@ from backend import clock
 from backend.accounts import LOGIN_RETRY_KEY_PREFIX, LOGIN_RETRY_TTL_S
 from backend.errors import Conflict, RateLimited
 from backend.models import ServiceRequest, User
-from backend.settings import PROJECT_ROOT
 from miniprogram_api.auth import authenticated
 from miniprogram_api.errors import EnvelopeErrorHandler
 from miniprogram_api.idempotency import IN_PROGRESS_TTL_S, KEY_PREFIX, RECORD_TTL_S, idempotent
@@ -37,12 +31,12 @@ from tests.factories import (
     token_for_user,
     worker_headers,
 )
+from tests.servers import api_processes
 
 BASE = "/api/v1/service-requests"
 CONCURRENT_CREATES = 10
 WAIT_STEP_S = 0.01
 WAIT_LIMIT_S = 5.0
-SERVER_START_TIMEOUT_S = 30.0
 
 
 async def _wait_until(condition, description: str) -> None:
@@ -189,10 +183,44 @@ async def test_replay_record_expires_after_a_day(services, test_app, alice):
     assert RECORD_TTL_S - 60 < await services.redis.ttl(key) <= RECORD_TTL_S
 
 
-async def test_different_body_rejected(test_app, alice):
+DEEP_JSON_BODY = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError at the default limit
+
+
+@pytest.mark.parametrize(
+    ("first_body", "retry_body"),
+    [
+        (b'{"n": 1, "tags": ["a", "b"]}', b'{"tags":["a","b"],"n":1}'),
+        (b'{"n": 1.5, "name": "\\u6797"}', b'{"name": "\xe6\x9e\x97", "n": 1.50}'),
+        (b"name=a&n=1", b"name=a&n=1"),
+        (DEEP_JSON_BODY, DEEP_JSON_BODY),
+    ],
+    ids=["reordered-keys", "escaped-text", "same-non-json", "too-deep-json"],
+)
+async def test_equivalent_body_replays(test_app, alice, first_body, retry_body):
     headers = {**alice, "Idempotency-Key": "key-1"}
-    await test_app.asgi_client.post("/things", content=b'{"n": 1}', headers=headers)
-    _, response = await test_app.asgi_client.post("/things", content=b'{"n": 2}', headers=headers)
+    _, first = await test_app.asgi_client.post("/things", content=first_body, headers=headers)
+    _, retry = await test_app.asgi_client.post("/things", content=retry_body, headers=headers)
+
+    assert first.status == 201
+    assert retry.status == 201
+    assert retry.body == first.body
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert test_app.ctx.calls["things"] == 1
+
+
+@pytest.mark.parametrize(
+    ("first_body", "retry_body"),
+    [
+        (b'{"n": 1}', b'{"n": 2}'),
+        (b'{"n": 1, "tags": ["a", "b"]}', b'{"tags":["b","a"],"n":1}'),
+        (b"name=a&n=1", b"n=1&name=a"),
+    ],
+    ids=["other-value", "reordered-list", "reordered-non-json"],
+)
+async def test_different_body_rejected(test_app, alice, first_body, retry_body):
+    headers = {**alice, "Idempotency-Key": "key-1"}
+    await test_app.asgi_client.post("/things", content=first_body, headers=headers)
+    _, response = await test_app.asgi_client.post("/things", content=retry_body, headers=headers)
 
     assert response.status == 422
     assert response.json["error"]["code"] == "idempotency_key_reused"
@@ -415,6 +443,23 @@ async def test_create_concurrent_same_key_one_row(services, client):
     assert await ServiceRequest.all().count() == 1
 
 
+async def test_create_reserialised_body_replays(services, client):
+    await make_city()
+    resident, _ = await login_resident(client)
+    headers = {**resident, "Idempotency-Key": "create-1", "content-type": "application/json"}
+    body = request_body()
+    reversed_body = dict(reversed(list(body.items())))
+
+    _, first = await client.post(BASE, content=jsonlib.dumps(body).encode(), headers=headers)
+    _, replay = await client.post(BASE, content=jsonlib.dumps(reversed_body, indent=2).encode(), headers=headers)
+
+    assert first.status == 201
+    assert replay.status == 201
+    assert replay.body == first.body
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert await ServiceRequest.all().count() == 1
+
+
 async def test_create_changed_body_rejected(services, client):
     await make_city()
     resident, _ = await login_resident(client)
@@ -479,47 +524,10 @@ async def test_rating_conflict_replayed(services, client):
     assert replay.headers["idempotent-replayed"] == "true"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def api_server(settings):
-    """The API in its own process on a loopback port, sharing the test database and Redis."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "WECHAT_API_BASE_URL": settings.wechat_api_base_url,
-        "WECHAT_SECRET": settings.wechat_secret,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "miniprogram_api"], cwd=PROJECT_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"API server did not start: {process.communicate()[0]}")
-    yield base_url
-    process.terminate()
-    try:
-        process.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
+    with api_processes(settings) as [api]:
+        yield api.base_url
 
 
 async def test_server_concurrent_creates_one_row(services, api_server):

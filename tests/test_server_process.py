@@ -3,69 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from backend.models import ServiceRequest
-from backend.settings import PROJECT_ROOT
 from tests.conftest import fresh_code
 from tests.factories import SIMING, make_city, make_worker, north_of, request_body, token_for_user
+from tests.servers import api_processes
 
-START_TIMEOUT_S = 30.0
 CONCURRENT_ACCEPTS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
 def server(settings):
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "DATABASE_URL": settings.database_url,
-            "REDIS_URL": settings.redis_url,
-            "WECHAT_API_BASE_URL": settings.wechat_api_base_url,
-            "WECHAT_SECRET": settings.wechat_secret,
-            "OFFER_COUNT": str(CONCURRENT_ACCEPTS),
-        }
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "miniprogram_api"], cwd=PROJECT_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"server did not start: {process.stdout.read()}")
-    yield base_url
-    process.terminate()
-    try:
-        output, _ = process.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    assert "Traceback" not in output, output
+    with api_processes(settings, OFFER_COUNT=str(CONCURRENT_ACCEPTS)) as [api]:
+        yield api.base_url
+    assert "Traceback" not in api.output, api.output
 
 
 async def test_server_oversized_body_rejected(services, server):

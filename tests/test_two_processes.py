@@ -3,80 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from backend.models import DispatchEvent, Offer, ServiceRequest
-from backend.settings import PROJECT_ROOT
 from tests.conftest import fresh_code
 from tests.factories import SIMING, make_city, make_worker, north_of, request_body
+from tests.servers import api_processes
 
-START_TIMEOUT_S = 30.0
 OFFER_TTL_S = 2
 REQUESTS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start(settings) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "PORT": str(port),
-            "DATABASE_URL": settings.database_url,
-            "REDIS_URL": settings.redis_url,
-            "WECHAT_API_BASE_URL": settings.wechat_api_base_url,
-            "WECHAT_SECRET": settings.wechat_secret,
-            "OFFER_TTL_S": str(OFFER_TTL_S),
-            "SCHEDULER_INTERVAL_MS": "100",
-            "RATE_REQUESTS_PER_USER_PER_HOUR": "1000",
-        }
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "miniprogram_api"], cwd=PROJECT_ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(base_url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"server did not start: {process.stdout.read()}")
-
-
 @pytest.fixture
 def two_servers(settings):
-    started = [_start(settings) for _ in range(2)]
-    for process, base_url in started:
-        _wait_ready(base_url, process)
-    yield [base_url for _, base_url in started]
-    for process, _ in started:
-        process.terminate()
-    for process, _ in started:
-        try:
-            output, _ = process.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        assert "Traceback" not in output, output
+    with api_processes(
+        settings,
+        count=2,
+        OFFER_TTL_S=str(OFFER_TTL_S),
+        SCHEDULER_INTERVAL_MS="100",
+        RATE_REQUESTS_PER_USER_PER_HOUR="1000",
+    ) as servers:
+        yield [server.base_url for server in servers]
+    for server in servers:
+        assert "Traceback" not in server.output, server.output
 
 
 async def test_two_processes_widen_each_request_once(services, two_servers):
