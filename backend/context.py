@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
 from backend.settings import Settings
+from backend.stations import StationDirectory
 from search.base import WorkerIndex
 
 
@@ -16,3 +17,4 @@ class Services:
     redis: redis.Redis
     index: WorkerIndex
     wechat: object  # backend.wechat.WeChatGateway; typed loosely so tests may pass a stand-in
+    stations: StationDirectory = field(default_factory=StationDirectory)

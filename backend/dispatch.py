@@ -8,9 +8,12 @@ that follow it leaves the request in `matching`, where the scheduler's retry pic
 
 from __future__ import annotations
 
+import json
 import logging
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
+from tortoise import connections
 from tortoise.expressions import Subquery
 from tortoise.transactions import in_transaction
 
@@ -21,6 +24,7 @@ from backend.matching import Candidate, find_candidates
 from backend.models import (
     DispatchEvent,
     DispatchStage,
+    NotificationStatus,
     Offer,
     OfferStatus,
     RequestStatus,
@@ -38,6 +42,8 @@ STALLED_AFTER_S = 10
 ADVANCE_BATCH = 50
 # Offers that end without a winner: their workers are not searched again for this request.
 _SPENT_OFFER_STATUSES = (OfferStatus.DECLINED, OfferStatus.EXPIRED, OfferStatus.WITHDRAWN)
+OFFER_NOTIFICATION_KIND = "offer_new"
+OFFERS_SENT_EVENT = "offers_sent"
 
 
 async def _record_event(request_id: int, kind: str, *, ring: int | None = None, worker_id: int | None = None,
@@ -59,15 +65,80 @@ async def _excluded_workers(request: ServiceRequest, resident_may_be_worker: boo
     return frozenset(spent) | frozenset(own)
 
 
-async def _send_offers(services: Services, request: ServiceRequest, ring: int, candidates: list[Candidate]) -> bool:
-    """Move the request from `matching` to `offered` at `ring` and write the offers, atomically.
+@dataclass(frozen=True)
+class _OfferRow:
+    """One offer of a round and the notification that announces it."""
 
-    A fixed number of statements whatever the number of candidates: one UPDATE, one SELECT, and
-    one multi-row INSERT each for offers, notifications and the event.
-    """
-    now = clock.now()
-    expires_at = now + timedelta(seconds=services.settings.offer_ttl_s)
-    worker_ids = [candidate.hit.document.worker_id for candidate in candidates]
+    worker_id: int
+    distance_m: int
+    score: float
+    dedupe_key: str
+    notification_data: dict
+
+
+# PostgreSQL: the whole of _write_offers_orm in one statement, so one round trip in place of
+# seven. Data-modifying CTEs all run or none do, and every insert reads from `moved`, so no
+# offer is written unless the guarded UPDATE changed the request.
+_WRITE_OFFERS_SQL = """
+WITH moved AS (
+    UPDATE service_requests SET status = $1, updated_at = $2
+    WHERE id = $3 AND status = $4 AND stage = $5 AND search_ring = $6
+    RETURNING id
+), candidate AS (
+    SELECT * FROM unnest($7::int[], $8::int[], $9::float8[], $10::text[], $11::text[])
+        AS c(worker_id, distance_m, score, dedupe_key, data)
+), offered AS (
+    INSERT INTO offers (service_request_id, worker_id, status, ring, distance_m, score, created_at, expires_at)
+    SELECT moved.id, c.worker_id, $12, $6, c.distance_m, c.score, $2, $13 FROM moved CROSS JOIN candidate c
+    ON CONFLICT (service_request_id, worker_id) DO UPDATE SET
+        status = EXCLUDED.status, ring = EXCLUDED.ring, distance_m = EXCLUDED.distance_m,
+        score = EXCLUDED.score, created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+), notified AS (
+    INSERT INTO notifications (user_id, kind, service_request_id, data, status, attempts, next_attempt_at,
+                               dedupe_key, created_at)
+    SELECT w.user_id, $14, moved.id, c.data::jsonb, $15, 0, $2, c.dedupe_key, $2
+    FROM moved CROSS JOIN candidate c JOIN workers w ON w.id = c.worker_id
+    ON CONFLICT (dedupe_key) DO NOTHING
+), recorded AS (
+    INSERT INTO dispatch_events (service_request_id, kind, ring, at)
+    SELECT moved.id, $16, $6, $2 FROM moved
+)
+SELECT count(*) AS moved FROM moved
+"""
+
+
+def _offer_rows(request: ServiceRequest, candidates: list[Candidate], now: datetime) -> list[_OfferRow]:
+    rows = []
+    for candidate in candidates:
+        worker_id = candidate.hit.document.worker_id
+        distance_m = round(candidate.hit.distance_m)
+        rows.append(_OfferRow(
+            worker_id=worker_id,
+            distance_m=distance_m,
+            score=round(candidate.score, 4),
+            dedupe_key=f"offer:{request.id}:{worker_id}:{now.timestamp():.0f}",
+            notification_data={"category": request.category, "distance_m": distance_m},
+        ))
+    return rows
+
+
+async def _write_offers_postgres(request: ServiceRequest, ring: int, rows: list[_OfferRow], now: datetime,
+                                 expires_at: datetime) -> bool:
+    _, result = await connections.get("default").execute_query(_WRITE_OFFERS_SQL, [
+        RequestStatus.OFFERED.value, now, request.id, RequestStatus.MATCHING.value, DispatchStage.RING.value, ring,
+        [row.worker_id for row in rows],
+        [row.distance_m for row in rows],
+        [row.score for row in rows],
+        [row.dedupe_key for row in rows],
+        [json.dumps(row.notification_data, ensure_ascii=False) for row in rows],
+        OfferStatus.OPEN.value, expires_at,
+        OFFER_NOTIFICATION_KIND, NotificationStatus.PENDING.value, OFFERS_SENT_EVENT,
+    ])
+    return result[0]["moved"] == 1
+
+
+async def _write_offers_orm(request: ServiceRequest, ring: int, rows: list[_OfferRow], now: datetime,
+                            expires_at: datetime) -> bool:
     async with in_transaction():
         moved = await ServiceRequest.filter(
             id=request.id, status=RequestStatus.MATCHING, stage=DispatchStage.RING, search_ring=ring
@@ -75,19 +146,11 @@ async def _send_offers(services: Services, request: ServiceRequest, ring: int, c
         if moved == 0:
             return False
 
-        user_ids = dict(await Worker.filter(id__in=worker_ids).values_list("id", "user_id"))
+        user_ids = dict(await Worker.filter(id__in=[row.worker_id for row in rows]).values_list("id", "user_id"))
         offers = [
-            Offer(
-                service_request_id=request.id,
-                worker_id=candidate.hit.document.worker_id,
-                status=OfferStatus.OPEN,
-                ring=ring,
-                distance_m=round(candidate.hit.distance_m),
-                score=round(candidate.score, 4),
-                created_at=now,
-                expires_at=expires_at,
-            )
-            for candidate in candidates
+            Offer(service_request_id=request.id, worker_id=row.worker_id, status=OfferStatus.OPEN, ring=ring,
+                  distance_m=row.distance_m, score=row.score, created_at=now, expires_at=expires_at)
+            for row in rows
         ]
         # A worker may hold a closed offer of this request from an earlier round (another
         # worker won, then withdrew), so an existing row is opened again in place.
@@ -97,16 +160,30 @@ async def _send_offers(services: Services, request: ServiceRequest, ring: int, c
             update_fields=["status", "ring", "distance_m", "score", "created_at", "expires_at"],
         )
         await notifications.enqueue_many([
-            notifications.Outgoing(
-                user_ids[candidate.hit.document.worker_id],
-                "offer_new",
-                dedupe_key=f"offer:{request.id}:{candidate.hit.document.worker_id}:{now.timestamp():.0f}",
-                service_request_id=request.id,
-                data={"category": request.category, "distance_m": round(candidate.hit.distance_m)},
-            )
-            for candidate in candidates
+            notifications.Outgoing(user_ids[row.worker_id], OFFER_NOTIFICATION_KIND, dedupe_key=row.dedupe_key,
+                                   service_request_id=request.id, data=row.notification_data)
+            for row in rows
         ])
-        await _record_event(request.id, "offers_sent", ring=ring)
+        await _record_event(request.id, OFFERS_SENT_EVENT, ring=ring)
+    return True
+
+
+async def _send_offers(services: Services, request: ServiceRequest, ring: int, candidates: list[Candidate]) -> bool:
+    """Move the request from `matching` to `offered` at `ring` and write the offers, atomically.
+
+    The number of statements does not grow with the number of candidates: one on PostgreSQL,
+    five in a transaction elsewhere.
+    """
+    now = clock.now()
+    expires_at = now + timedelta(seconds=services.settings.offer_ttl_s)
+    rows = _offer_rows(request, candidates, now)
+    if connections.get("default").capabilities.dialect == "postgres":
+        sent = await _write_offers_postgres(request, ring, rows, now, expires_at)
+    else:
+        sent = await _write_offers_orm(request, ring, rows, now, expires_at)
+    if not sent:
+        return False
+
     request.status = RequestStatus.OFFERED
     request.updated_at = now
     log.info("offers sent request_id=%s ring=%s workers=%s", request.id, ring, len(candidates))
@@ -151,7 +228,7 @@ async def run_matching(
     Returns the candidates offered, or [] when the request was queued at its station, is being
     handled by another process, or the index is unavailable (the scheduler retries later).
     A caller that has just created the request passes it as `loaded`, which saves reading it
-    back, and says whether its resident has a worker profile. When offers are sent, `loaded`
+    back, and sets `resident_may_be_worker` to False when its resident has no worker profile. When offers are sent, `loaded`
     is updated to the request's new status.
     """
     radii = services.settings.search_radii_m

@@ -67,13 +67,6 @@ def _require_text(value: object, field: str, max_chars: int, label: str) -> str:
     return value
 
 
-async def _nearest_station(location: Location) -> ServiceStation | None:
-    stations = await ServiceStation.filter(district_id=location.district_code)
-    if not stations:
-        return None
-    return min(stations, key=lambda s: haversine_m(location.lat, location.lng, s.lat, s.lng))
-
-
 async def create_request(
     services: Services,
     resident: User,
@@ -103,7 +96,7 @@ async def create_request(
     verdict = await content_check.screen(services, resident, description, field="description")
 
     now = clock.now()
-    station = await _nearest_station(location)
+    station = await services.stations.nearest(location)
     request = await ServiceRequest.create(
         resident=resident,
         category=category,
