@@ -43,25 +43,26 @@ async def _render(request_obj, relation: str, radii_m: tuple[int, ...]) -> dict:
 @idempotent("service_request_create")
 async def create(request: Request):
     services = request.app.ctx.services
-    # Per resident, only requests actually created count, so rejected forms do not use up the hour.
-    await rate_limit.check(services.redis, "request_create_user", str(request.ctx.user.id),
-                           services.settings.rate_requests_per_user_per_hour, 3600)
-    await rate_limit.hit(services.redis, "request_create_ip", rate_limit.client_network(request),
-                         services.settings.rate_requests_per_ip_per_hour, 3600)
-    body = json_body(request)
-    location = parse_location(body.get("location"))
-    created, candidates = await service_requests.create_request(
-        request.app.ctx.services,
-        request.ctx.user,
-        category=body.get("category"),
-        description=body.get("description"),
-        address=body.get("address"),
-        location=location,
-        preferred_start=body.get("preferred_start"),
-        preferred_end=body.get("preferred_end"),
-        language=body.get("language"),
-    )
-    await rate_limit.record(services.redis, "request_create_user", str(request.ctx.user.id), 3600)
+    # The resident's hit is taken before the request is created, so simultaneous creates cannot
+    # all pass. A form rejected with a 4xx status gives it back, which is safe because
+    # create_request raises its client errors before it stores anything.
+    async with rate_limit.hit_unless_rejected(services.redis, "request_create_user", str(request.ctx.user.id),
+                                              services.settings.rate_requests_per_user_per_hour, 3600):
+        await rate_limit.hit(services.redis, "request_create_ip", rate_limit.client_network(request),
+                             services.settings.rate_requests_per_ip_per_hour, 3600)
+        body = json_body(request)
+        location = parse_location(body.get("location"))
+        created, candidates = await service_requests.create_request(
+            request.app.ctx.services,
+            request.ctx.user,
+            category=body.get("category"),
+            description=body.get("description"),
+            address=body.get("address"),
+            location=location,
+            preferred_start=body.get("preferred_start"),
+            preferred_end=body.get("preferred_end"),
+            language=body.get("language"),
+        )
     view = request_view(
         created, "resident", candidates=[candidate_view(c) for c in candidates], radii_m=services.settings.search_radii_m
     )
