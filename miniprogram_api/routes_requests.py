@@ -6,15 +6,15 @@ from sanic import Blueprint, Request
 from sanic.response import json
 from sanic_ext import openapi
 
-from backend import rate_limit, service_requests
+from backend import clock, rate_limit, service_requests
 from backend.locations import parse_location
-from backend.models import DispatchEvent, Offer, Worker
+from backend.models import DispatchEvent, Offer, OfferStatus, Worker
 from miniprogram_api.auth import authenticated
 from miniprogram_api.bodies import json_body, path_id
 from miniprogram_api.etag import json_with_etag
 from miniprogram_api.idempotency import idempotent
 from miniprogram_api.schemas import CheckInBody, CompleteBody, RatingBody, ServiceRequestBody
-from miniprogram_api.views import candidate_view, request_view, shown_distance
+from miniprogram_api.views import offers_summary, request_view
 
 bp = Blueprint("service_requests", url_prefix="/api/v1/service-requests")
 
@@ -24,15 +24,20 @@ async def _render(request_obj, relation: str, radii_m: tuple[int, ...]) -> dict:
     events = None
     if relation in ("resident", "officer", "station"):
         events = await DispatchEvent.filter(service_request_id=request_obj.id).order_by("id")
+    offers = None
     candidates = None
-    if relation in ("resident", "officer"):
-        offers = await Offer.filter(service_request_id=request_obj.id).order_by("-score")
+    if relation == "resident":
+        open_distances = await Offer.filter(
+            service_request_id=request_obj.id, status=OfferStatus.OPEN, expires_at__gt=clock.now()
+        ).values_list("distance_m", flat=True)
+        offers = offers_summary(list(open_distances))
+    elif relation == "officer":
+        offered = await Offer.filter(service_request_id=request_obj.id).order_by("-score", "id")
         candidates = [
-            {"worker_id": o.worker_id, "distance_m": shown_distance(o.distance_m), "score": round(o.score, 2),
-             "offer_status": o.status.value}
-            for o in offers
+            {"worker_id": o.worker_id, "distance_m": o.distance_m, "score": o.score, "offer_status": o.status.value}
+            for o in offered
         ]
-    return request_view(request_obj, relation, worker=worker, candidates=candidates, events=events,
+    return request_view(request_obj, relation, worker=worker, offers=offers, candidates=candidates, events=events,
                         radii_m=radii_m)
 
 
@@ -63,9 +68,8 @@ async def create(request: Request):
             preferred_end=body.get("preferred_end"),
             language=body.get("language"),
         )
-    view = request_view(
-        created, "resident", candidates=[candidate_view(c) for c in candidates], radii_m=services.settings.search_radii_m
-    )
+    offers = offers_summary([candidate.hit.distance_m for candidate in candidates])
+    view = request_view(created, "resident", offers=offers, radii_m=services.settings.search_radii_m)
     return json(view, status=201)
 
 

@@ -12,6 +12,7 @@ from backend import service_requests
 from backend.errors import Conflict
 from backend.geo import wgs84_to_gcj02
 from backend.models import RequestStatus, ServiceRequest, User
+from miniprogram_api.views import distance_band
 from tests.factories import (
     AT_DOOR,
     SIMING,
@@ -149,6 +150,57 @@ async def test_offered_worker_sees_no_address(services, client):
     for hidden in ("address", "description", "location", "resident", "candidates"):
         assert hidden not in response.json
     assert "厦禾路" not in response.text
+
+
+async def test_resident_sees_offer_summary_only(services, client):
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1234))
+    await make_worker(services, agencies["approved"], north_of(SIMING, 2345))
+    resident, _ = await login_resident(client)
+    expected = {"count": 2, "nearest_band": {"code": "1_to_3km", "label": "1-3 公里"}}
+
+    _, created = await client.post(BASE, json=request_body(), headers=resident)
+    _, read = await client.get(f"{BASE}/{created.json['id']}", headers=resident)
+
+    for response in (created, read):
+        assert response.json["offers"] == expected
+        assert "candidates" not in response.json
+        assert "distance_m" not in response.text
+        assert "worker_id" not in response.text
+
+
+async def test_officer_sees_exact_candidate_distances(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], north_of(SIMING, 1234))
+    resident, _ = await login_resident(client)
+    _, created = await client.post(BASE, json=request_body(), headers=resident)
+
+    _, read = await client.get(f"{BASE}/{created.json['id']}", headers=await officer_headers(services))
+
+    [candidate] = read.json["candidates"]
+    assert candidate["worker_id"] == worker.id
+    assert abs(candidate["distance_m"] - 1234) <= 1
+    assert candidate["offer_status"] == "open"
+    assert "offers" not in read.json
+
+
+@pytest.mark.parametrize(
+    ("metres", "code"),
+    [(0, "within_1km"), (1000, "within_1km"), (1001, "1_to_3km"), (3000, "1_to_3km"), (4999, "3_to_5km"),
+     (5001, "over_5km"), (19_000, "over_5km")],
+)
+def test_distance_band_edges(metres, code):
+    assert distance_band(metres)["code"] == code
+
+
+async def test_offer_summary_counts_open_offers(services, client):
+    request_id, resident, workers = await _offered_request(services, client)
+    await client.post(f"{BASE}/{request_id}/decline", headers=await worker_headers(services, workers[0]))
+
+    _, read = await client.get(f"{BASE}/{request_id}", headers=resident)
+
+    assert read.json["offers"]["count"] == 1
+    assert read.json["offers"]["nearest_band"]["code"] == "within_1km"
 
 
 async def test_assigned_worker_sees_address(services, client):

@@ -51,7 +51,7 @@ async def test_server_concurrent_accepts_one_winner(services, server):
         created = await http.post("/api/v1/service-requests", json=request_body(), headers=resident)
         assert created.status_code == 201, created.text
         request_id = created.json()["id"]
-        assert len(created.json()["candidates"]) == CONCURRENT_ACCEPTS
+        assert created.json()["offers"]["count"] == CONCURRENT_ACCEPTS
 
         responses = await asyncio.gather(
             *(
