@@ -137,8 +137,8 @@ async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest,
     """Load a request with the caller's relation to it.
 
     Relations: resident, assigned (worker), offered (worker with an open or past offer),
-    station (staff of the request's station), officer. Anyone else gets 404, so request ids
-    reveal nothing about other residents.
+    station (staff of the request's station, once the request has reached that station's
+    queue), officer. Anyone else gets 404, so request ids reveal nothing about other residents.
     """
     request = await ServiceRequest.get_or_none(id=request_id).prefetch_related("station", "worker")
     if request is None:
@@ -153,9 +153,25 @@ async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest,
             return request, "assigned"
         if await Offer.exists(service_request_id=request.id, worker_id=worker.id):
             return request, "offered"
-    if Role.STATION_STAFF.value in user.roles and user.station_id and user.station_id == request.station_id:
+    if _reached_station_queue_of(user, request):
         return request, "station"
     raise NotFound("找不到该服务需求。")
+
+
+def _reached_station_queue_of(user: User, request: ServiceRequest) -> bool:
+    """Tell whether `user` is staff of the station whose queue `request` is in or has been through.
+
+    Station staff handle only what nobody nearby took, so a request still searched in its rings,
+    or assigned by an officer before it reached the queue, stays hidden from them. A request
+    never leaves the station_queue stage once it is there, so this also covers requests that the
+    station assigned and that have since moved on.
+    """
+    return (
+        Role.STATION_STAFF.value in user.roles
+        and user.station_id is not None
+        and user.station_id == request.station_id
+        and request.stage == DispatchStage.STATION_QUEUE
+    )
 
 
 async def _notify_resident(request: ServiceRequest, kind: str) -> None:

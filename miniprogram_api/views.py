@@ -85,8 +85,8 @@ def request_view(request: ServiceRequest, relation: str, *, worker: Worker | Non
     """Render a request for one viewer.
 
     Offered workers see the category, street, district and preferred time only: never the
-    address, the description or the resident. The resident, the assigned worker, the staff of
-    the request's station and officers see it all. `offers` is the resident's summary from
+    address, the description or the resident. The resident, the assigned worker, officers and,
+    once the request has reached their queue, the staff of its station see it all. `offers` is the resident's summary from
     offers_summary(), and `candidates` the officers' list of offered workers.
     """
     category = CATEGORIES_BY_CODE[request.category]

@@ -162,6 +162,49 @@ async def test_station_staff_assigns_worker(services, client):
     assert again.status == 409
 
 
+async def _station_staff_headers(services, station_id: int) -> dict[str, str]:
+    staff = await User.create(username=f"station-staff-{station_id}", roles=[Role.STATION_STAFF.value],
+                              station_id=station_id)
+    return {"Authorization": f"Bearer {await token_for_user(services, staff)}"}
+
+
+async def test_station_staff_reads_request_once_queued(services, client):
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    staff = await _station_staff_headers(services, created["street"]["station_id"])
+
+    _, while_offered = await client.get(f"{BASE}/{created['id']}", headers=staff)
+    advance(services.settings.offer_ttl_s + 1)
+    await scheduler.run_once(services)
+    _, once_queued = await client.get(f"{BASE}/{created['id']}", headers=staff)
+
+    assert while_offered.status == 404
+    assert while_offered.json["error"]["code"] == "not_found"
+    assert "厦禾路" not in while_offered.text
+    assert once_queued.status == 200
+    assert once_queued.json["address"] == request_body()["address"]
+
+
+async def test_station_staff_cannot_read_officer_assigned(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    staff = await _station_staff_headers(services, created["street"]["station_id"])
+
+    _, assigned = await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": worker.id},
+        headers=await officer_headers(services),
+    )
+    _, read = await client.get(f"{BASE}/{created['id']}", headers=staff)
+
+    assert assigned.status == 200, assigned.json
+    assert read.status == 404
+    assert "厦禾路" not in read.text
+
+
 async def test_other_station_staff_cannot_assign(services, client):
     agencies = await make_city()
     resident, _ = await login_resident(client)
