@@ -487,12 +487,23 @@ async def station_queue(user: User, station_id: int) -> list[ServiceRequest]:
 
 
 async def assign_worker(services: Services, user: User, request_id: int, worker_id: object) -> ServiceRequest:
-    """Assign a worker directly (station staff of the request's station, or officers)."""
+    """Assign a worker directly: officers any unassigned request, station staff only the
+    requests in their station's queue."""
     if isinstance(worker_id, bool) or not isinstance(worker_id, int) or not 1 <= worker_id <= 2**31 - 1:
         raise ValidationError("请选择要指派的社工。", field="worker_id")
     request = await ServiceRequest.get_or_none(id=request_id)
     if request is None or not _may_manage_station(user, request.station_id):
         raise NotFound("找不到该服务需求。")
+    # Staff step in only when nobody nearby took the request, so while its offers are still
+    # open they would take it from the workers it was offered to.
+    unassigned = {"id": request.id, "status__in": list(UNASSIGNED)}
+    if Role.OFFICER.value not in user.roles:
+        unassigned["stage"] = DispatchStage.STATION_QUEUE
+        if request.stage != DispatchStage.STATION_QUEUE:
+            raise Conflict(
+                "该需求仍在为附近社工派单，尚未转入本服务站的待派队列，暂不能指派。请在待派队列中选择需求。",
+                code="not_in_station_queue",
+            )
     worker = await Worker.get_or_none(id=worker_id).prefetch_related("agency")
     if worker is None:
         raise ValidationError("找不到该社工。", field="worker_id", code="worker_not_found")
@@ -516,7 +527,7 @@ async def assign_worker(services: Services, user: User, request_id: int, worker_
     async with in_transaction():
         await _lock_worker(worker.id)
         await check_worker_available(worker.id, request, services.settings.max_active_jobs)
-        moved = await ServiceRequest.filter(id=request.id, status__in=list(UNASSIGNED)).update(
+        moved = await ServiceRequest.filter(**unassigned).update(
             status=RequestStatus.ACCEPTED, worker_id=worker.id, accepted_at=now, updated_at=now
         )
         if moved:

@@ -205,6 +205,27 @@ async def test_station_staff_cannot_read_officer_assigned(services, client):
     assert "厦禾路" not in read.text
 
 
+async def test_station_staff_cannot_assign_while_offered(services, client):
+    agencies = await make_city()
+    offered = await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    spare = await make_worker(services, agencies["approved"], north_of(SIMING, 30_000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    staff = await _station_staff_headers(services, created["street"]["station_id"])
+
+    _, response = await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": spare.id}, headers=staff
+    )
+
+    assert response.status == 409
+    assert response.json["error"]["code"] == "not_in_station_queue"
+    assert "待派队列" in response.json["error"]["message"]
+    request = await ServiceRequest.get(id=created["id"])
+    assert request.status == RequestStatus.OFFERED
+    assert request.worker_id is None
+    assert await _offered_ids(request.id) == {offered.id}
+
+
 async def test_other_station_staff_cannot_assign(services, client):
     agencies = await make_city()
     resident, _ = await login_resident(client)
