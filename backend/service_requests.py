@@ -147,15 +147,34 @@ async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest,
         return request, "resident"
     if Role.OFFICER.value in user.roles:
         return request, "officer"
-    worker = await Worker.get_or_none(user_id=user.id)
-    if worker is not None:
-        if request.worker_id == worker.id:
-            return request, "assigned"
-        if await Offer.exists(service_request_id=request.id, worker_id=worker.id):
-            return request, "offered"
+    worker_relation = await _worker_relation(await Worker.get_or_none(user_id=user.id), request)
+    if worker_relation is not None:
+        return request, worker_relation
     if _reached_station_queue_of(user, request):
         return request, "station"
     raise NotFound("找不到该服务需求。")
+
+
+async def _worker_relation(worker: Worker | None, request: ServiceRequest) -> str | None:
+    """Return "assigned" or "offered" when `worker` is assigned or was offered the request, else None."""
+    if worker is None:
+        return None
+    if request.worker_id == worker.id:
+        return "assigned"
+    if await Offer.exists(service_request_id=request.id, worker_id=worker.id):
+        return "offered"
+    return None
+
+
+async def _load_for_worker(user: User, request_id: int) -> tuple[Worker, ServiceRequest, str | None]:
+    """Load a request for a worker-side action, with the caller's relation to it as a worker.
+
+    The relation comes from the worker profile alone, so an officer who is also a worker acts
+    on their own jobs as that worker and not as an officer.
+    """
+    worker = await worker_of(user)
+    request, _ = await load_request_for(user, request_id)
+    return worker, request, await _worker_relation(worker, request)
 
 
 def _reached_station_queue_of(user: User, request: ServiceRequest) -> bool:
@@ -191,8 +210,7 @@ async def _lock_worker(worker_id: int) -> None:
 
 
 async def accept_request(services: Services, user: User, request_id: int) -> ServiceRequest:
-    worker = await worker_of(user)
-    request, relation = await load_request_for(user, request_id)
+    worker, request, relation = await _load_for_worker(user, request_id)
     if relation == "assigned":
         return request  # a retried accept from the winner
     offer = await Offer.get_or_none(service_request_id=request.id, worker_id=worker.id)
@@ -245,8 +263,7 @@ class _RollBack(Conflict):
 
 
 async def decline_offer(services: Services, user: User, request_id: int) -> None:
-    worker = await worker_of(user)
-    request, relation = await load_request_for(user, request_id)
+    worker, request, relation = await _load_for_worker(user, request_id)
     if relation != "offered":
         raise Forbidden("您没有收到这个需求的派单。", code="not_offered")
     declined = await Offer.filter(
@@ -281,8 +298,7 @@ async def withdraw_request(services: Services, user: User, request_id: int) -> S
 
 
 async def _assigned_request(user: User, request_id: int) -> tuple[Worker, ServiceRequest]:
-    worker = await worker_of(user)
-    request, relation = await load_request_for(user, request_id)
+    worker, request, relation = await _load_for_worker(user, request_id)
     if relation != "assigned":
         raise Forbidden("只有接单的社工可以进行此操作。", code="not_assigned_worker")
     return worker, request

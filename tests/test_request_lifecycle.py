@@ -11,7 +11,7 @@ import pytest
 from backend import service_requests
 from backend.errors import Conflict
 from backend.geo import wgs84_to_gcj02
-from backend.models import RequestStatus, ServiceRequest, User
+from backend.models import Offer, OfferStatus, RequestStatus, Role, ServiceRequest, User
 from miniprogram_api.views import distance_band
 from tests.factories import (
     AT_DOOR,
@@ -236,6 +236,47 @@ async def test_accept_retry_by_winner_is_ok(services, client):
     _, first = await client.post(f"{BASE}/{request_id}/accept", headers=headers)
     _, again = await client.post(f"{BASE}/{request_id}/accept", headers=headers)
     assert first.status == again.status == 200
+
+
+async def _make_officer(worker) -> None:
+    user = await User.get(id=worker.user_id)
+    user.roles = [*user.roles, Role.OFFICER.value]
+    await user.save(update_fields=["roles"])
+
+
+async def test_officer_worker_starts_and_completes(services, client):
+    request_id, _, workers = await _offered_request(services, client)
+    await _make_officer(workers[0])
+    headers = await worker_headers(services, workers[0])
+
+    _, accepted = await client.post(f"{BASE}/{request_id}/accept", headers=headers)
+    _, started = await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=headers)
+    _, completed = await client.post(
+        f"{BASE}/{request_id}/complete", json={"service_minutes": 10, "summary": "陪同就医", **AT_DOOR}, headers=headers
+    )
+
+    assert accepted.status == 200, accepted.json
+    assert started.status == 200, started.json
+    assert completed.status == 200, completed.json
+    assert completed.json["status"] == "completed"
+
+
+async def test_officer_worker_withdraws_and_declines(services, client):
+    request_id, _, workers = await _offered_request(services, client)
+    await _make_officer(workers[0])
+    await _make_officer(workers[1])
+    first = await worker_headers(services, workers[0])
+    second = await worker_headers(services, workers[1])
+
+    _, declined = await client.post(f"{BASE}/{request_id}/decline", headers=second)
+    _, accepted = await client.post(f"{BASE}/{request_id}/accept", headers=first)
+    _, withdrawn = await client.post(f"{BASE}/{request_id}/withdraw", headers=first)
+
+    assert declined.status == 200, declined.json
+    assert accepted.status == 200, accepted.json
+    assert withdrawn.status == 200, withdrawn.json
+    offers = {offer.worker_id: offer.status for offer in await Offer.filter(service_request_id=request_id)}
+    assert offers == {workers[0].id: OfferStatus.WITHDRAWN, workers[1].id: OfferStatus.DECLINED}
 
 
 async def test_start_and_complete_only_by_assigned(services, client):
