@@ -58,6 +58,16 @@ class AlreadyTaken(Conflict):
     message = "这个需求已被其他社工接单。"
 
 
+class AlreadyWithdrawn(Conflict):
+    code = "already_withdrawn"
+    message = "这个需求已从您的接单中退回，无需再次退回。"
+
+
+class AlreadyCompleted(Conflict):
+    code = "already_completed"
+    message = "这次服务已经提交完成，服务时长和小结不能再次提交或修改。"
+
+
 def _require_text(value: object, field: str, max_chars: int, label: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(f"请填写{label}。", field=field)
@@ -263,21 +273,47 @@ class _RollBack(Conflict):
 
 
 async def decline_offer(services: Services, user: User, request_id: int) -> None:
+    """Decline the caller's open offer. Declining an offer that is already declined changes nothing."""
     worker, request, relation = await _load_for_worker(user, request_id)
-    if relation != "offered":
+    if relation is None:
         raise Forbidden("您没有收到这个需求的派单。", code="not_offered")
+    now = clock.now()
+    # An offer past its expiry that the scheduler has not yet marked expired is not open either.
     declined = await Offer.filter(
-        service_request_id=request.id, worker_id=worker.id, status=OfferStatus.OPEN
+        service_request_id=request.id, worker_id=worker.id, status=OfferStatus.OPEN, expires_at__gt=now
     ).update(status=OfferStatus.DECLINED)
-    if declined:
-        await DispatchEvent.create(service_request_id=request.id, kind="declined", worker_id=worker.id, at=clock.now())
-        log.info("offer declined request_id=%s worker_id=%s", request.id, worker.id)
-        await dispatch.advance_if_exhausted(services, request.id)
+    if not declined:
+        offer = await Offer.get_or_none(service_request_id=request.id, worker_id=worker.id)
+        if offer is not None and offer.status == OfferStatus.DECLINED:
+            return
+        await request.refresh_from_db()
+        raise _no_open_offer(request, worker, offer)
+
+    await DispatchEvent.create(service_request_id=request.id, kind="declined", worker_id=worker.id, at=now)
+    log.info("offer declined request_id=%s worker_id=%s", request.id, worker.id)
+    await dispatch.advance_if_exhausted(services, request.id)
+
+
+def _no_open_offer(request: ServiceRequest, worker: Worker, offer: Offer | None) -> Conflict:
+    """Build the error for a decline that found no open offer, naming the reason."""
+    if request.worker_id == worker.id:
+        return Conflict("您已接下这个需求，不能拒绝。如无法前往，请使用「退回」。", code="already_accepted")
+    if request.status == RequestStatus.CANCELLED:
+        return Conflict("该需求已被居民取消，无需拒绝。", code="request_cancelled")
+    if request.worker_id is not None:
+        return AlreadyTaken("这个需求已被其他社工接单，无需拒绝。")
+    if offer is not None and offer.status in (OfferStatus.OPEN, OfferStatus.EXPIRED):
+        return Conflict("这个派单已过期，无需拒绝。", code="offer_expired")
+    return Conflict("这个派单已失效，无需拒绝。", code="offer_not_open")
 
 
 async def withdraw_request(services: Services, user: User, request_id: int) -> ServiceRequest:
     """Give an accepted job back before it starts; it is matched again without this worker."""
-    worker, request = await _assigned_request(user, request_id)
+    worker, request, relation = await _load_for_worker(user, request_id)
+    if relation != "assigned":
+        if await _was_withdrawn_from(request.id, worker.id):
+            raise AlreadyWithdrawn()
+        raise Forbidden("只有接单的社工可以进行此操作。", code="not_assigned_worker")
     now = clock.now()
     async with in_transaction():
         moved = await ServiceRequest.filter(id=request.id, worker_id=worker.id, status=RequestStatus.ACCEPTED).update(
@@ -287,6 +323,9 @@ async def withdraw_request(services: Services, user: User, request_id: int) -> S
             await Offer.filter(service_request_id=request.id, worker_id=worker.id).update(status=OfferStatus.WITHDRAWN)
             await DispatchEvent.create(service_request_id=request.id, kind="withdrawn", worker_id=worker.id, at=now)
     if not moved:
+        # A concurrent withdraw by the same worker, or a release by dispatch, got there first.
+        if await _was_withdrawn_from(request.id, worker.id):
+            raise AlreadyWithdrawn()
         raise Conflict("只有已接单、尚未开始的服务可以退回。", code="invalid_status")
     log.info("job withdrawn request_id=%s worker_id=%s", request.id, worker.id)
 
@@ -295,6 +334,15 @@ async def withdraw_request(services: Services, user: User, request_id: int) -> S
         await dispatch.run_matching(services, request.id)
         await request.refresh_from_db()
     return request
+
+
+async def _was_withdrawn_from(request_id: int, worker_id: int) -> bool:
+    """Tell whether the worker gave the request back or dispatch took it from them.
+
+    NOTE: a worker assigned directly by a station has no offer, so after giving that job back
+    they are a stranger to the request and a repeated withdraw gets 404, not 409.
+    """
+    return await Offer.exists(service_request_id=request_id, worker_id=worker_id, status=OfferStatus.WITHDRAWN)
 
 
 async def _assigned_request(user: User, request_id: int) -> tuple[Worker, ServiceRequest]:
@@ -342,6 +390,10 @@ async def complete_request(
     summary = _require_text(summary, "summary", MAX_SUMMARY_CHARS, "服务小结")
 
     worker, request = await _assigned_request(user, request_id)
+    # A retry that must return the first response sends the same Idempotency-Key. Any other
+    # repeat gets 409, not a 200 that would silently drop its duration and summary.
+    if request.status == RequestStatus.COMPLETED:
+        raise AlreadyCompleted()
     now = clock.now()
     if request.status == RequestStatus.IN_SERVICE and request.started_at is not None:
         # The duration is part of the proof of service: it cannot exceed the time since check-in.
@@ -366,10 +418,11 @@ async def complete_request(
         if moved:
             await _notify_resident(request, "request_completed")
     await request.refresh_from_db()
-    if moved == 0 and request.status != RequestStatus.COMPLETED:
+    if moved == 0:
+        if request.status == RequestStatus.COMPLETED:
+            raise AlreadyCompleted()
         raise Conflict("只有服务中的需求可以完成。", code="invalid_status")
-    if moved:
-        await content_check.flag(verdict, "service_request.summary", request.id, user.id)
+    await content_check.flag(verdict, "service_request.summary", request.id, user.id)
     log.info("service completed request_id=%s worker_id=%s", request.id, worker.id)
     return request
 
