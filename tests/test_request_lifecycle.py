@@ -376,6 +376,25 @@ async def test_one_rating_moves_credit_a_little(services, client):
     assert len(credit.json["history"]) == 1
 
 
+async def test_credit_components_kept_after_status_change(services, client):
+    request_id, resident, _ = await _completed_request(services, client)
+    await client.post(f"{BASE}/{request_id}/rating", json={"stars": 1}, headers=resident)
+    agency_id = await _agency_id(request_id)
+    officer = await officer_headers(services)
+    _, rated = await client.get(f"/api/v1/agencies/{agency_id}/credit", headers=officer)
+
+    _, suspended = await client.put(
+        f"/api/v1/admin/agencies/{agency_id}/status", json={"status": "suspended"}, headers=officer
+    )
+    _, after = await client.get(f"/api/v1/agencies/{agency_id}/credit", headers=officer)
+
+    assert suspended.status == 200
+    assert after.json["history"][0]["reason_code"] == "status_suspended"
+    assert after.json["components"] == rated.json["components"]
+    assert after.json["components"]["rating_count"] == 1
+    assert after.json["components"]["ratings"] == after.json["score"]
+
+
 async def _agency_id(request_id: int) -> int:
     request = await ServiceRequest.get(id=request_id).prefetch_related("worker")
     return request.worker.agency_id
