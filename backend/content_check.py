@@ -10,7 +10,7 @@ import logging
 
 from backend import clock
 from backend.errors import NotFound, ValidationError
-from backend.models import ContentFlag, User
+from backend.models import ContentFlag, Rating, ServiceRequest, User
 from backend.wechat import WeChatUnavailable
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,13 @@ SCENES_BY_FIELD = {"comment": SCENE_COMMENT}
 FLAGGED_VERDICTS = frozenset({"review", "unchecked"})
 VERDICTS = FLAGGED_VERDICTS | {"pass"}
 MAX_LISTED_FLAGS = 100
+# The saved text behind each flag target, as the model whose id is the flag's target_id and the
+# column that contains the text.
+FLAGGED_TEXT_COLUMNS = {
+    "service_request.description": (ServiceRequest, "description"),
+    "service_request.summary": (ServiceRequest, "summary"),
+    "rating.comment": (Rating, "comment"),
+}
 
 
 class ContentRejected(ValidationError):
@@ -89,6 +96,24 @@ async def list_flags(limit: int = MAX_LISTED_FLAGS) -> list[ContentFlag]:
         return unresolved
     resolved = await ContentFlag.filter(resolved_at__isnull=False).order_by("-created_at", "-id").limit(remaining)
     return unresolved + resolved
+
+
+async def read_flag(flag_id: int) -> tuple[ContentFlag, str | None]:
+    """Return a flag and the text it points at, so an officer can review that text.
+
+    The text is None when the target is unknown or its row or column is empty. Raises NotFound
+    for an unknown flag_id. The text is personal data, so callers must not log it.
+    """
+    content_flag = await ContentFlag.get_or_none(id=flag_id)
+    if content_flag is None:
+        raise NotFound("找不到该内容标记。")
+    column = FLAGGED_TEXT_COLUMNS.get(content_flag.target)
+    if column is None:
+        log.warning("content flag has an unknown target flag_id=%s target=%s", flag_id, content_flag.target)
+        return content_flag, None
+    model, field = column
+    texts = await model.filter(id=content_flag.target_id).values_list(field, flat=True)
+    return content_flag, texts[0] if texts else None
 
 
 async def resolve_flag(flag_id: int, officer: User) -> ContentFlag:

@@ -23,23 +23,27 @@ def ratings_component(stars_sum: int, count: int) -> float:
     return round((average - 1.0) / 4.0 * 100.0, 2)
 
 
-async def recompute_credit(agency: Agency, *, reason_code: str, reason: str) -> float:
-    """Recompute and store the agency's score, with a history entry when it changed.
-
-    Call inside a transaction that has locked the agency row, so that two ratings landing at
-    once cannot both compute from a view that misses the other.
-    """
+async def _current_components(agency_id: int) -> dict:
+    """Compute the score's components from the agency's counted ratings (one aggregate query)."""
     totals = (
-        await Rating.filter(agency_id=agency.id, counted=True)
+        await Rating.filter(agency_id=agency_id, counted=True)
         .annotate(stars_sum=Sum("stars"), count=Count("id"))
         .first()
         .values("stars_sum", "count")
     )
     stars_sum = int(totals["stars_sum"] or 0)
     count = int(totals["count"] or 0)
+    return {"ratings": ratings_component(stars_sum, count), "rating_count": count}
 
-    component = ratings_component(stars_sum, count)
-    score = max(0.0, min(100.0, component))
+
+async def recompute_credit(agency: Agency, *, reason_code: str, reason: str) -> float:
+    """Recompute and store the agency's score, with a history entry when it changed.
+
+    Call inside a transaction that has locked the agency row, so that two ratings landing at
+    once cannot both compute from a view that misses the other.
+    """
+    components = await _current_components(agency.id)
+    score = max(0.0, min(100.0, components["ratings"]))
     if score != agency.credit_score:
         agency.credit_score = score
         await agency.save(update_fields=["credit_score"])
@@ -48,7 +52,7 @@ async def recompute_credit(agency: Agency, *, reason_code: str, reason: str) -> 
             score=score,
             reason_code=reason_code,
             reason=reason,
-            components={"ratings": component, "rating_count": count},
+            components=components,
             at=clock.now(),
         )
     return score
@@ -56,10 +60,12 @@ async def recompute_credit(agency: Agency, *, reason_code: str, reason: str) -> 
 
 async def credit_report(agency: Agency) -> dict:
     events = await CreditEvent.filter(agency_id=agency.id).order_by("-id").limit(100)
-    latest = events[0].components if events else {"ratings": agency.credit_score}
+    # Computed afresh rather than read from the latest event, because events that are no
+    # recompute (an officer changing the agency's status) store no components.
+    components = await _current_components(agency.id)
     return {
         "score": agency.credit_score,
-        "components": latest,
+        "components": components,
         "history": [
             {
                 "score": event.score,

@@ -9,16 +9,19 @@ as its oldest allowed hit leaves the window.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
 import math
 import secrets
+from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from backend import clock
-from backend.errors import RateLimited
+from backend.errors import DomainError, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,8 @@ def _key(scope: str, identity: str) -> str:
     return f"{KEY_PREFIX}{scope}:{digest}"
 
 
-async def _run(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int, *, record: bool) -> None:
+async def _run(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int, *, record: bool) -> str:
+    """Check the limit and, with `record`, add a hit. Return the hit's member, or '' without `record`."""
     if limit < 1 or window_s < 1:
         raise ValueError(f"limit and window_s must be at least 1, got limit={limit} window_s={window_s}")
 
@@ -81,7 +85,7 @@ async def _run(client: redis.Redis, scope: str, identity: str, limit: int, windo
     member = _unique_member(now_ms) if record else ""
     wait_ms = await client.eval(_HIT_SCRIPT, 1, _key(scope, identity), now_ms, window_s * 1000, limit, member)
     if not wait_ms:
-        return
+        return member
 
     # A hit recorded by a host whose clock ran ahead would give a wait longer than the window.
     retry_after_s = min(window_s, max(1, math.ceil(int(wait_ms) / 1000)))
@@ -102,8 +106,38 @@ async def hit(client: redis.Redis, scope: str, identity: str, limit: int, window
 async def check(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> None:
     """Raise RateLimitExceeded when `identity` already has `limit` hits in the window, without
     recording one. With record(), this counts only the attempts that a caller chooses to count,
-    such as failed passwords or requests actually created."""
+    such as failed passwords. The check and the record are two calls, so concurrent callers can
+    all pass the check: where that matters, use hit_unless_rejected()."""
     await _run(client, scope, identity, limit, window_s, record=False)
+
+
+@contextlib.asynccontextmanager
+async def hit_unless_rejected(
+    client: redis.Redis, scope: str, identity: str, limit: int, window_s: int
+) -> AsyncIterator[None]:
+    """Record one hit as hit() does before the block runs, and remove it again when the block
+    raises a client error (a DomainError with a 4xx status).
+
+    Taking the hit first means concurrent callers cannot all pass a check before any of them
+    records, and removing it means input that the service rejects uses up no slot. The block
+    must raise client errors only before its work takes effect. A server error or a cancelled
+    task keeps the hit, because the work may have been done before it failed.
+    """
+    member = await _run(client, scope, identity, limit, window_s, record=True)
+    try:
+        yield
+    except DomainError as error:
+        if error.status < 500:
+            await _remove_hit(client, scope, identity, member)
+        raise
+
+
+async def _remove_hit(client: redis.Redis, scope: str, identity: str, member: str) -> None:
+    try:
+        await client.zrem(_key(scope, identity), member)
+    except RedisError as error:
+        # Keep the caller's own error. The hit leaves the window on its own.
+        log.warning("rate limit hit not removed scope=%s error=%s", scope, type(error).__name__)
 
 
 async def record(client: redis.Redis, scope: str, identity: str, window_s: int) -> None:

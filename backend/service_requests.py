@@ -58,6 +58,16 @@ class AlreadyTaken(Conflict):
     message = "这个需求已被其他社工接单。"
 
 
+class AlreadyWithdrawn(Conflict):
+    code = "already_withdrawn"
+    message = "这个需求已从您的接单中退回，无需再次退回。"
+
+
+class AlreadyCompleted(Conflict):
+    code = "already_completed"
+    message = "这次服务已经提交完成，服务时长和小结不能再次提交或修改。"
+
+
 def _require_text(value: object, field: str, max_chars: int, label: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(f"请填写{label}。", field=field)
@@ -130,8 +140,8 @@ async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest,
     """Load a request with the caller's relation to it.
 
     Relations: resident, assigned (worker), offered (worker with an open or past offer),
-    station (staff of the request's station), officer. Anyone else gets 404, so request ids
-    reveal nothing about other residents.
+    station (staff of the request's station, once the request has reached that station's
+    queue), officer. Anyone else gets 404, so request ids reveal nothing about other residents.
     """
     request = await ServiceRequest.get_or_none(id=request_id).prefetch_related("station", "worker")
     if request is None:
@@ -140,15 +150,50 @@ async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest,
         return request, "resident"
     if Role.OFFICER.value in user.roles:
         return request, "officer"
-    worker = await Worker.get_or_none(user_id=user.id)
-    if worker is not None:
-        if request.worker_id == worker.id:
-            return request, "assigned"
-        if await Offer.exists(service_request_id=request.id, worker_id=worker.id):
-            return request, "offered"
-    if Role.STATION_STAFF.value in user.roles and user.station_id and user.station_id == request.station_id:
+    worker_relation = await _worker_relation(await Worker.get_or_none(user_id=user.id), request)
+    if worker_relation is not None:
+        return request, worker_relation
+    if _reached_station_queue_of(user, request):
         return request, "station"
     raise NotFound("找不到该服务需求。")
+
+
+async def _worker_relation(worker: Worker | None, request: ServiceRequest) -> str | None:
+    """Return "assigned" or "offered" when `worker` is assigned or was offered the request, else None."""
+    if worker is None:
+        return None
+    if request.worker_id == worker.id:
+        return "assigned"
+    if await Offer.exists(service_request_id=request.id, worker_id=worker.id):
+        return "offered"
+    return None
+
+
+async def _load_for_worker(user: User, request_id: int) -> tuple[Worker, ServiceRequest, str | None]:
+    """Load a request for a worker-side action, with the caller's relation to it as a worker.
+
+    The relation comes from the worker profile alone, so an officer who is also a worker acts
+    on their own jobs as that worker and not as an officer.
+    """
+    worker = await worker_of(user)
+    request, _ = await load_request_for(user, request_id)
+    return worker, request, await _worker_relation(worker, request)
+
+
+def _reached_station_queue_of(user: User, request: ServiceRequest) -> bool:
+    """Tell whether `user` is staff of the station whose queue `request` is in or has been through.
+
+    Station staff handle only what nobody nearby took, so a request still searched in its rings,
+    or assigned by an officer before it reached the queue, stays hidden from them. A request
+    never leaves the station_queue stage once it is there, so this also covers requests that the
+    station assigned and that have since moved on.
+    """
+    return (
+        Role.STATION_STAFF.value in user.roles
+        and user.station_id is not None
+        and user.station_id == request.station_id
+        and request.stage == DispatchStage.STATION_QUEUE
+    )
 
 
 async def _notify_resident(request: ServiceRequest, kind: str) -> None:
@@ -168,8 +213,7 @@ async def _lock_worker(worker_id: int) -> None:
 
 
 async def accept_request(services: Services, user: User, request_id: int) -> ServiceRequest:
-    worker = await worker_of(user)
-    request, relation = await load_request_for(user, request_id)
+    worker, request, relation = await _load_for_worker(user, request_id)
     if relation == "assigned":
         return request  # a retried accept from the winner
     offer = await Offer.get_or_none(service_request_id=request.id, worker_id=worker.id)
@@ -222,22 +266,47 @@ class _RollBack(Conflict):
 
 
 async def decline_offer(services: Services, user: User, request_id: int) -> None:
-    worker = await worker_of(user)
-    request, relation = await load_request_for(user, request_id)
-    if relation != "offered":
+    """Decline the caller's open offer. Declining an offer that is already declined changes nothing."""
+    worker, request, relation = await _load_for_worker(user, request_id)
+    if relation is None:
         raise Forbidden("您没有收到这个需求的派单。", code="not_offered")
+    now = clock.now()
+    # An offer past its expiry that the scheduler has not yet marked expired is not open either.
     declined = await Offer.filter(
-        service_request_id=request.id, worker_id=worker.id, status=OfferStatus.OPEN
+        service_request_id=request.id, worker_id=worker.id, status=OfferStatus.OPEN, expires_at__gt=now
     ).update(status=OfferStatus.DECLINED)
-    if declined:
-        await DispatchEvent.create(service_request_id=request.id, kind="declined", worker_id=worker.id, at=clock.now())
-        log.info("offer declined request_id=%s worker_id=%s", request.id, worker.id)
-        await dispatch.advance_if_exhausted(services, request.id)
+    if not declined:
+        offer = await Offer.get_or_none(service_request_id=request.id, worker_id=worker.id)
+        if offer is not None and offer.status == OfferStatus.DECLINED:
+            return
+        await request.refresh_from_db()
+        raise _no_open_offer(request, worker, offer)
+
+    await DispatchEvent.create(service_request_id=request.id, kind="declined", worker_id=worker.id, at=now)
+    log.info("offer declined request_id=%s worker_id=%s", request.id, worker.id)
+    await dispatch.advance_if_exhausted(services, request.id)
+
+
+def _no_open_offer(request: ServiceRequest, worker: Worker, offer: Offer | None) -> Conflict:
+    """Build the error for a decline that found no open offer, naming the reason."""
+    if request.worker_id == worker.id:
+        return Conflict("您已接下这个需求，不能拒绝。如无法前往，请使用「退回」。", code="already_accepted")
+    if request.status == RequestStatus.CANCELLED:
+        return Conflict("该需求已被居民取消，无需拒绝。", code="request_cancelled")
+    if request.worker_id is not None:
+        return AlreadyTaken("这个需求已被其他社工接单，无需拒绝。")
+    if offer is not None and offer.status in (OfferStatus.OPEN, OfferStatus.EXPIRED):
+        return Conflict("这个派单已过期，无需拒绝。", code="offer_expired")
+    return Conflict("这个派单已失效，无需拒绝。", code="offer_not_open")
 
 
 async def withdraw_request(services: Services, user: User, request_id: int) -> ServiceRequest:
     """Give an accepted job back before it starts; it is matched again without this worker."""
-    worker, request = await _assigned_request(user, request_id)
+    worker, request, relation = await _load_for_worker(user, request_id)
+    if relation != "assigned":
+        if await _was_withdrawn_from(request.id, worker.id):
+            raise AlreadyWithdrawn()
+        raise Forbidden("只有接单的社工可以进行此操作。", code="not_assigned_worker")
     now = clock.now()
     async with in_transaction():
         moved = await ServiceRequest.filter(id=request.id, worker_id=worker.id, status=RequestStatus.ACCEPTED).update(
@@ -247,6 +316,9 @@ async def withdraw_request(services: Services, user: User, request_id: int) -> S
             await Offer.filter(service_request_id=request.id, worker_id=worker.id).update(status=OfferStatus.WITHDRAWN)
             await DispatchEvent.create(service_request_id=request.id, kind="withdrawn", worker_id=worker.id, at=now)
     if not moved:
+        # A concurrent withdraw by the same worker, or a release by dispatch, got there first.
+        if await _was_withdrawn_from(request.id, worker.id):
+            raise AlreadyWithdrawn()
         raise Conflict("只有已接单、尚未开始的服务可以退回。", code="invalid_status")
     log.info("job withdrawn request_id=%s worker_id=%s", request.id, worker.id)
 
@@ -257,9 +329,17 @@ async def withdraw_request(services: Services, user: User, request_id: int) -> S
     return request
 
 
+async def _was_withdrawn_from(request_id: int, worker_id: int) -> bool:
+    """Tell whether the worker gave the request back or dispatch took it from them.
+
+    NOTE: a worker assigned directly by a station has no offer, so after giving that job back
+    they are a stranger to the request and a repeated withdraw gets 404, not 409.
+    """
+    return await Offer.exists(service_request_id=request_id, worker_id=worker_id, status=OfferStatus.WITHDRAWN)
+
+
 async def _assigned_request(user: User, request_id: int) -> tuple[Worker, ServiceRequest]:
-    worker = await worker_of(user)
-    request, relation = await load_request_for(user, request_id)
+    worker, request, relation = await _load_for_worker(user, request_id)
     if relation != "assigned":
         raise Forbidden("只有接单的社工可以进行此操作。", code="not_assigned_worker")
     return worker, request
@@ -303,6 +383,10 @@ async def complete_request(
     summary = _require_text(summary, "summary", MAX_SUMMARY_CHARS, "服务小结")
 
     worker, request = await _assigned_request(user, request_id)
+    # A retry that must return the first response sends the same Idempotency-Key. Any other
+    # repeat gets 409, not a 200 that would silently drop its duration and summary.
+    if request.status == RequestStatus.COMPLETED:
+        raise AlreadyCompleted()
     now = clock.now()
     if request.status == RequestStatus.IN_SERVICE and request.started_at is not None:
         # The duration is part of the proof of service: it cannot exceed the time since check-in.
@@ -327,10 +411,11 @@ async def complete_request(
         if moved:
             await _notify_resident(request, "request_completed")
     await request.refresh_from_db()
-    if moved == 0 and request.status != RequestStatus.COMPLETED:
+    if moved == 0:
+        if request.status == RequestStatus.COMPLETED:
+            raise AlreadyCompleted()
         raise Conflict("只有服务中的需求可以完成。", code="invalid_status")
-    if moved:
-        await content_check.flag(verdict, "service_request.summary", request.id, user.id)
+    await content_check.flag(verdict, "service_request.summary", request.id, user.id)
     log.info("service completed request_id=%s worker_id=%s", request.id, worker.id)
     return request
 
@@ -464,12 +549,23 @@ async def station_queue(user: User, station_id: int) -> list[ServiceRequest]:
 
 
 async def assign_worker(services: Services, user: User, request_id: int, worker_id: object) -> ServiceRequest:
-    """Assign a worker directly (station staff of the request's station, or officers)."""
+    """Assign a worker directly: officers any unassigned request, station staff only the
+    requests in their station's queue."""
     if isinstance(worker_id, bool) or not isinstance(worker_id, int) or not 1 <= worker_id <= 2**31 - 1:
         raise ValidationError("请选择要指派的社工。", field="worker_id")
     request = await ServiceRequest.get_or_none(id=request_id)
     if request is None or not _may_manage_station(user, request.station_id):
         raise NotFound("找不到该服务需求。")
+    # Staff step in only when nobody nearby took the request, so while its offers are still
+    # open they would take it from the workers it was offered to.
+    unassigned = {"id": request.id, "status__in": list(UNASSIGNED)}
+    if Role.OFFICER.value not in user.roles:
+        unassigned["stage"] = DispatchStage.STATION_QUEUE
+        if request.stage != DispatchStage.STATION_QUEUE:
+            raise Conflict(
+                "该需求仍在为附近社工派单，尚未转入本服务站的待派队列，暂不能指派。请在待派队列中选择需求。",
+                code="not_in_station_queue",
+            )
     worker = await Worker.get_or_none(id=worker_id).prefetch_related("agency")
     if worker is None:
         raise ValidationError("找不到该社工。", field="worker_id", code="worker_not_found")
@@ -493,7 +589,7 @@ async def assign_worker(services: Services, user: User, request_id: int, worker_
     async with in_transaction():
         await _lock_worker(worker.id)
         await check_worker_available(worker.id, request, services.settings.max_active_jobs)
-        moved = await ServiceRequest.filter(id=request.id, status__in=list(UNASSIGNED)).update(
+        moved = await ServiceRequest.filter(**unassigned).update(
             status=RequestStatus.ACCEPTED, worker_id=worker.id, accepted_at=now, updated_at=now
         )
         if moved:

@@ -18,6 +18,16 @@ class SettingsError(Exception):
     """A setting is missing or invalid, so the service must not start."""
 
 
+def wants_wechat_standin(environ: dict[str, str]) -> bool:
+    """Tell whether scripts/run should start the stand-in WeChat server for this environment.
+
+    True only in development with WECHAT_API_BASE_URL unset. The stand-in accepts any login code,
+    so with APP_ENV=prod (or any value other than dev) an unset URL means WeChat's real API.
+    """
+    app_env = environ.get("APP_ENV") or "dev"
+    return app_env == "dev" and not environ.get("WECHAT_API_BASE_URL")
+
+
 def _read_radii(environ: dict[str, str]) -> tuple[int, ...]:
     raw = environ.get("SEARCH_RADII_M") or ""
     if not raw.strip():

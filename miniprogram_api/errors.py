@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from sanic import Request
-from sanic.exceptions import SanicException
+from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, json
 from redis.exceptions import RedisError
@@ -14,6 +15,10 @@ from tortoise.exceptions import DBConnectionError, OperationalError
 from backend.errors import DomainError
 
 log = logging.getLogger(__name__)
+
+# The status nginx uses for a request that its client closed. No client reads the response,
+# but access logs and metrics can then tell disconnects apart from server errors.
+CLIENT_CLOSED_REQUEST = 499
 
 # Sanic's own errors (unknown route, wrong method, bad JSON, oversized body) get stable codes
 # and Chinese messages here.
@@ -55,6 +60,8 @@ class EnvelopeErrorHandler(ErrorHandler):
                 return response
 
         request_id = getattr(request.ctx, "request_id", "-") if request else "-"
+        if isinstance(exception, asyncio.CancelledError):
+            return _cancelled(request, request_id, exception)
         if isinstance(exception, (RedisError, DBConnectionError, OperationalError)):
             # A backing server is down or overloaded: the client may retry, nothing was lost.
             # Only the class is logged, because a driver's message can quote the values sent.
@@ -65,3 +72,17 @@ class EnvelopeErrorHandler(ErrorHandler):
             return envelope(503, "service_unavailable", "服务暂时不可用，请稍后再试。")
         log.exception("unhandled error request_id=%s path=%s", request_id, request.path if request else "-")
         return envelope(500, "internal_error", "系统出错了，请稍后再试；如持续出现请联系客服。")
+
+
+def _cancelled(request: Request | None, request_id: str, exception: asyncio.CancelledError) -> HTTPResponse:
+    """Log a cancelled handler without a traceback, because the cancel is no failure of ours.
+
+    Sanic passes RequestCancelled to the error handler when the client hangs up, and a plain
+    CancelledError when the server stops with the handler still running.
+    """
+    path = request.path if request else "-"
+    if isinstance(exception, RequestCancelled):
+        log.info("client disconnected before the response request_id=%s path=%s", request_id, path)
+        return envelope(CLIENT_CLOSED_REQUEST, "client_closed_request", "请求已取消。")
+    log.warning("request cancelled while the server stops request_id=%s path=%s", request_id, path)
+    return envelope(503, "service_unavailable", "服务暂时不可用，请稍后再试。")

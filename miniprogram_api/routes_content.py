@@ -33,6 +33,14 @@ async def list_flags(request: Request):
     return json({"items": [_flag_view(content_flag) for content_flag in flags]})
 
 
+@bp.get("/api/v1/admin/content-flags/<flag_id>")
+@openapi.summary("A flag with the text it points at and the id of its author, for review (officers)")
+@authenticated(Role.OFFICER)
+async def read_flag(request: Request, flag_id: str):
+    content_flag, text = await content_check.read_flag(path_id(flag_id, "内容标记"))
+    return json({**_flag_view(content_flag), "user_id": content_flag.user_id, "text": text})
+
+
 @bp.post("/api/v1/admin/content-flags/<flag_id>/resolve")
 @openapi.summary("Mark a content flag as reviewed (officers)")
 @authenticated(Role.OFFICER)

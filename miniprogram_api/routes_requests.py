@@ -6,15 +6,15 @@ from sanic import Blueprint, Request
 from sanic.response import json
 from sanic_ext import openapi
 
-from backend import rate_limit, service_requests
+from backend import clock, rate_limit, service_requests
 from backend.locations import parse_location
-from backend.models import DispatchEvent, Offer, Worker
+from backend.models import DispatchEvent, Offer, OfferStatus, Worker
 from miniprogram_api.auth import authenticated
 from miniprogram_api.bodies import json_body, path_id
 from miniprogram_api.etag import json_with_etag
 from miniprogram_api.idempotency import idempotent
 from miniprogram_api.schemas import CheckInBody, CompleteBody, RatingBody, ServiceRequestBody
-from miniprogram_api.views import candidate_view, request_view, shown_distance
+from miniprogram_api.views import offers_summary, request_view
 
 bp = Blueprint("service_requests", url_prefix="/api/v1/service-requests")
 
@@ -24,15 +24,20 @@ async def _render(request_obj, relation: str, radii_m: tuple[int, ...]) -> dict:
     events = None
     if relation in ("resident", "officer", "station"):
         events = await DispatchEvent.filter(service_request_id=request_obj.id).order_by("id")
+    offers = None
     candidates = None
-    if relation in ("resident", "officer"):
-        offers = await Offer.filter(service_request_id=request_obj.id).order_by("-score")
+    if relation == "resident":
+        open_distances = await Offer.filter(
+            service_request_id=request_obj.id, status=OfferStatus.OPEN, expires_at__gt=clock.now()
+        ).values_list("distance_m", flat=True)
+        offers = offers_summary(list(open_distances))
+    elif relation == "officer":
+        offered = await Offer.filter(service_request_id=request_obj.id).order_by("-score", "id")
         candidates = [
-            {"worker_id": o.worker_id, "distance_m": shown_distance(o.distance_m), "score": round(o.score, 2),
-             "offer_status": o.status.value}
-            for o in offers
+            {"worker_id": o.worker_id, "distance_m": o.distance_m, "score": o.score, "offer_status": o.status.value}
+            for o in offered
         ]
-    return request_view(request_obj, relation, worker=worker, candidates=candidates, events=events,
+    return request_view(request_obj, relation, worker=worker, offers=offers, candidates=candidates, events=events,
                         radii_m=radii_m)
 
 
@@ -43,28 +48,28 @@ async def _render(request_obj, relation: str, radii_m: tuple[int, ...]) -> dict:
 @idempotent("service_request_create")
 async def create(request: Request):
     services = request.app.ctx.services
-    # Per resident, only requests actually created count, so rejected forms do not use up the hour.
-    await rate_limit.check(services.redis, "request_create_user", str(request.ctx.user.id),
-                           services.settings.rate_requests_per_user_per_hour, 3600)
-    await rate_limit.hit(services.redis, "request_create_ip", rate_limit.client_network(request),
-                         services.settings.rate_requests_per_ip_per_hour, 3600)
-    body = json_body(request)
-    location = parse_location(body.get("location"))
-    created, candidates = await service_requests.create_request(
-        request.app.ctx.services,
-        request.ctx.user,
-        category=body.get("category"),
-        description=body.get("description"),
-        address=body.get("address"),
-        location=location,
-        preferred_start=body.get("preferred_start"),
-        preferred_end=body.get("preferred_end"),
-        language=body.get("language"),
-    )
-    await rate_limit.record(services.redis, "request_create_user", str(request.ctx.user.id), 3600)
-    view = request_view(
-        created, "resident", candidates=[candidate_view(c) for c in candidates], radii_m=services.settings.search_radii_m
-    )
+    # The resident's hit is taken before the request is created, so simultaneous creates cannot
+    # all pass. A form rejected with a 4xx status gives it back, which is safe because
+    # create_request raises its client errors before it stores anything.
+    async with rate_limit.hit_unless_rejected(services.redis, "request_create_user", str(request.ctx.user.id),
+                                              services.settings.rate_requests_per_user_per_hour, 3600):
+        await rate_limit.hit(services.redis, "request_create_ip", rate_limit.client_network(request),
+                             services.settings.rate_requests_per_ip_per_hour, 3600)
+        body = json_body(request)
+        location = parse_location(body.get("location"))
+        created, candidates = await service_requests.create_request(
+            request.app.ctx.services,
+            request.ctx.user,
+            category=body.get("category"),
+            description=body.get("description"),
+            address=body.get("address"),
+            location=location,
+            preferred_start=body.get("preferred_start"),
+            preferred_end=body.get("preferred_end"),
+            language=body.get("language"),
+        )
+    offers = offers_summary([candidate.hit.distance_m for candidate in candidates])
+    view = request_view(created, "resident", offers=offers, radii_m=services.settings.search_radii_m)
     return json(view, status=201)
 
 

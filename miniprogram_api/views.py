@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from backend import clock
 from backend.catalog import CATEGORIES_BY_CODE
-from backend.matching import Candidate, smoothed_rating
+from backend.matching import smoothed_rating
 from backend.models import DispatchEvent, DispatchStage, Offer, RequestStatus, ServiceRequest, User, Worker
 
 
@@ -12,25 +12,39 @@ def user_view(user: User) -> dict:
     return {"id": user.id, "roles": list(user.roles)}
 
 
-# Distances shown to residents and workers are rounded to this many metres, so that a few
-# requests cannot place a worker (or a worker place a resident) by trilateration.
+# An offered worker sees their distance to the request rounded to this many metres. They get
+# one offer per request, from the position they registered, and the street is shown anyway.
 SHOWN_DISTANCE_STEP_M = 100
+
+# Residents see no distance of any one worker, because exact or rounded distances from a few
+# requests placed apart locate a worker by trilateration. They see how many workers were offered
+# and the band of the nearest one. Each band is (upper bound in metres or None, code, label).
+# NOTE: requests moved step by step across a band edge can still find where that edge lies. The
+# per-resident request limit and the real offers that each request sends make this slow and visible.
+NEAREST_DISTANCE_BANDS = (
+    (1000, "within_1km", "1 公里内"),
+    (3000, "1_to_3km", "1-3 公里"),
+    (5000, "3_to_5km", "3-5 公里"),
+    (None, "over_5km", "5 公里以上"),
+)
 
 
 def shown_distance(metres: float) -> int:
     return max(SHOWN_DISTANCE_STEP_M, round(metres / SHOWN_DISTANCE_STEP_M) * SHOWN_DISTANCE_STEP_M)
 
 
-def candidate_view(candidate: Candidate) -> dict:
-    document = candidate.hit.document
+def distance_band(metres: float) -> dict:
+    for upper_m, code, label in NEAREST_DISTANCE_BANDS:
+        if upper_m is None or metres <= upper_m:
+            return {"code": code, "label": label}
+    raise AssertionError("the last band has no upper bound")
+
+
+def offers_summary(distances_m: list[float]) -> dict:
+    """Summarise a request's open offers for its resident as the worker count and the band of the nearest."""
     return {
-        "worker_id": document.worker_id,
-        "distance_m": shown_distance(candidate.hit.distance_m),
-        "certificate_level": ("assistant", "intermediate", "senior")[document.certificate_rank],
-        "rating": round(document.rating, 2),
-        "agency_id": document.agency_id,
-        # Two decimals: a finer score would give the distance away, as above.
-        "score": round(candidate.score, 2),
+        "count": len(distances_m),
+        "nearest_band": distance_band(min(distances_m)) if distances_m else None,
     }
 
 
@@ -66,13 +80,14 @@ def stage_view(request: ServiceRequest, radii_m: tuple[int, ...]) -> dict | None
 
 
 def request_view(request: ServiceRequest, relation: str, *, worker: Worker | None = None,
-                 candidates: list[dict] | None = None, events: list[DispatchEvent] | None = None,
-                 radii_m: tuple[int, ...] = (5000,)) -> dict:
+                 offers: dict | None = None, candidates: list[dict] | None = None,
+                 events: list[DispatchEvent] | None = None, radii_m: tuple[int, ...] = (5000,)) -> dict:
     """Render a request for one viewer.
 
     Offered workers see the category, street, district and preferred time only: never the
-    address, the description or the resident. The resident, the assigned worker, the staff of
-    the request's station and officers see it all.
+    address, the description or the resident. The resident, the assigned worker, officers and,
+    once the request has reached their queue, the staff of its station see it all. `offers` is the resident's summary from
+    offers_summary(), and `candidates` the officers' list of offered workers.
     """
     category = CATEGORIES_BY_CODE[request.category]
     view = {
@@ -116,6 +131,8 @@ def request_view(request: ServiceRequest, relation: str, *, worker: Worker | Non
             "languages": list(worker.languages),
             "rating": round(smoothed_rating(worker.rating_sum, worker.rating_count), 2),
         }
+    if offers is not None:
+        view["offers"] = offers
     if candidates is not None:
         view["candidates"] = candidates
     if events is not None:

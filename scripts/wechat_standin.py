@@ -58,9 +58,11 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -609,6 +611,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"seconds that codes starting with 'slow' wait before the response (default: {DEFAULT_SLOW_DELAY_S:g})",
     )
     args = parser.parse_args(argv)
+
+    # Anyone who reaches the stand-in can log in as anyone, so a production host must never run it.
+    if os.environ.get("APP_ENV") == "prod":
+        print("wechat_standin: refusing to start with APP_ENV=prod; production uses WeChat's real API",
+              file=sys.stderr)
+        sys.exit(2)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     server = make_server(args.host, args.port, args.appid, args.secret, args.slow_delay)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from backend import accounts, clock, divisions
-from backend.models import Agency, AgencyStatus, District, Role, ServiceStation, User, Worker, WorkerStatus
+from backend.models import Agency, AgencyStatus, District, Offer, Role, ServiceStation, User, Worker, WorkerStatus
 from backend.workers import sync_worker
 from tests.conftest import fresh_code
 
@@ -91,6 +91,16 @@ async def login_resident(client, person: str = "resident-a") -> tuple[dict[str, 
 async def officer_headers(services, username: str = "officer") -> dict[str, str]:
     user = await accounts.ensure_officer(username, "officer-password-123")
     return {"Authorization": f"Bearer {await token_for_user(services, user)}"}
+
+
+async def offered_worker_ids(request_id: int) -> list[int]:
+    """Read the workers offered a request from the database, best ranked first.
+
+    Residents see only a summary of the offers, so tests of who was matched read the offers here.
+    The order is the ranking's (score, then distance, then worker id), from the stored offers.
+    """
+    offers = Offer.filter(service_request_id=request_id).order_by("-score", "distance_m", "worker_id")
+    return list(await offers.values_list("worker_id", flat=True))
 
 
 def request_body(point: tuple[float, float] = SIMING, category: str = "elderly_care", **overrides) -> dict:

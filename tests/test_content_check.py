@@ -17,7 +17,15 @@ from backend.errors import ValidationError
 from backend.models import ContentFlag, Role, User
 from backend.wechat import WeChatGateway
 from miniprogram_api import routes_content
-from tests.factories import officer_headers
+from tests.factories import (
+    AT_DOOR,
+    login_resident,
+    make_city,
+    make_worker,
+    officer_headers,
+    request_body,
+    worker_headers,
+)
 
 HTTP_TIMEOUT_S = 5.0
 CHECK_PATH = "/wxa/msg_sec_check"
@@ -331,6 +339,76 @@ async def test_resolve_unknown_flag_404(services, content_client, flag_id: str) 
     headers = await officer_headers(services)
 
     _, response = await content_client.post(f"/api/v1/admin/content-flags/{flag_id}/resolve", headers=headers)
+
+    assert response.status == 404
+    assert response.json["error"]["code"] == "not_found"
+
+
+async def test_flag_detail_shows_flagged_texts(check_services) -> None:
+    from miniprogram_api.app import create_app
+
+    client = create_app(services=check_services).asgi_client
+    agencies = await make_city()
+    worker = await make_worker(check_services, agencies["approved"])
+    worker_auth = await worker_headers(check_services, worker)
+    resident, resident_id = await login_resident(client, "flagged-writer")
+    texts = {
+        "service_request.description": "待审：家中老人需要陪伴",
+        "service_request.summary": "待审：陪伴老人聊天一小时",
+        "rating.comment": "待审：社工很耐心",
+    }
+    _, created = await client.post(
+        "/api/v1/service-requests", json=request_body(description=texts["service_request.description"]),
+        headers=resident,
+    )
+    path = f"/api/v1/service-requests/{created.json['id']}"
+    await client.post(f"{path}/accept", headers=worker_auth)
+    await client.post(f"{path}/start", json=AT_DOOR, headers=worker_auth)
+    await client.post(f"{path}/complete", json={"service_minutes": 10, "summary": texts["service_request.summary"],
+                                                **AT_DOOR}, headers=worker_auth)
+    _, rated = await client.post(f"{path}/rating", json={"stars": 5, "comment": texts["rating.comment"]},
+                                 headers=resident)
+    assert rated.status == 201, rated.json
+    officer = await officer_headers(check_services)
+
+    flags = await ContentFlag.all().order_by("id")
+    details = [(await client.get(f"/api/v1/admin/content-flags/{flag.id}", headers=officer))[1] for flag in flags]
+
+    assert [detail.json["target"] for detail in details] == list(texts)
+    for detail in details:
+        assert detail.status == 200
+        assert detail.json["verdict"] == "review"
+        assert detail.json["text"] == texts[detail.json["target"]]
+    assert [detail.json["user_id"] for detail in details] == [resident_id, worker.user_id, resident_id]
+
+
+async def test_flag_detail_text_missing_target(services, content_client) -> None:
+    stored = await _make_flag(999_999, START)
+
+    _, response = await content_client.get(f"/api/v1/admin/content-flags/{stored.id}",
+                                           headers=await officer_headers(services))
+
+    assert response.status == 200
+    assert response.json["text"] is None
+
+
+async def test_flag_detail_officers_only(services, content_client) -> None:
+    await make_city()
+    resident, _ = await login_resident(content_client, "curious-resident")
+    _, created = await content_client.post("/api/v1/service-requests", json=request_body(), headers=resident)
+    stored = await _make_flag(created.json["id"], START)
+
+    _, response = await content_client.get(f"/api/v1/admin/content-flags/{stored.id}", headers=resident)
+
+    assert response.status == 403
+    assert response.json["error"]["code"] == "forbidden"
+    assert request_body()["description"] not in response.text
+
+
+@pytest.mark.parametrize("flag_id", ["999999", "abc"])
+async def test_flag_detail_unknown_404(services, content_client, flag_id: str) -> None:
+    _, response = await content_client.get(f"/api/v1/admin/content-flags/{flag_id}",
+                                           headers=await officer_headers(services))
 
     assert response.status == 404
     assert response.json["error"]["code"] == "not_found"

@@ -162,6 +162,70 @@ async def test_station_staff_assigns_worker(services, client):
     assert again.status == 409
 
 
+async def _station_staff_headers(services, station_id: int) -> dict[str, str]:
+    staff = await User.create(username=f"station-staff-{station_id}", roles=[Role.STATION_STAFF.value],
+                              station_id=station_id)
+    return {"Authorization": f"Bearer {await token_for_user(services, staff)}"}
+
+
+async def test_station_staff_reads_request_once_queued(services, client):
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    staff = await _station_staff_headers(services, created["street"]["station_id"])
+
+    _, while_offered = await client.get(f"{BASE}/{created['id']}", headers=staff)
+    advance(services.settings.offer_ttl_s + 1)
+    await scheduler.run_once(services)
+    _, once_queued = await client.get(f"{BASE}/{created['id']}", headers=staff)
+
+    assert while_offered.status == 404
+    assert while_offered.json["error"]["code"] == "not_found"
+    assert "厦禾路" not in while_offered.text
+    assert once_queued.status == 200
+    assert once_queued.json["address"] == request_body()["address"]
+
+
+async def test_station_staff_cannot_read_officer_assigned(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    staff = await _station_staff_headers(services, created["street"]["station_id"])
+
+    _, assigned = await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": worker.id},
+        headers=await officer_headers(services),
+    )
+    _, read = await client.get(f"{BASE}/{created['id']}", headers=staff)
+
+    assert assigned.status == 200, assigned.json
+    assert read.status == 404
+    assert "厦禾路" not in read.text
+
+
+async def test_station_staff_cannot_assign_while_offered(services, client):
+    agencies = await make_city()
+    offered = await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    spare = await make_worker(services, agencies["approved"], north_of(SIMING, 30_000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    staff = await _station_staff_headers(services, created["street"]["station_id"])
+
+    _, response = await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": spare.id}, headers=staff
+    )
+
+    assert response.status == 409
+    assert response.json["error"]["code"] == "not_in_station_queue"
+    assert "待派队列" in response.json["error"]["message"]
+    request = await ServiceRequest.get(id=created["id"])
+    assert request.status == RequestStatus.OFFERED
+    assert request.worker_id is None
+    assert await _offered_ids(request.id) == {offered.id}
+
+
 async def test_other_station_staff_cannot_assign(services, client):
     agencies = await make_city()
     resident, _ = await login_resident(client)
@@ -247,6 +311,96 @@ async def test_all_decline_widens(services, client):
     _, stale = await client.post(f"{BASE}/{request.id}/accept", headers=await worker_headers(services, first))
     assert stale.status == 409
     assert stale.json["error"]["code"] == "offer_expired"
+
+
+async def _two_offers(services, client):
+    agencies = await make_city()
+    first = await make_worker(services, agencies["approved"], north_of(SIMING, 500))
+    second = await make_worker(services, agencies["approved"], north_of(SIMING, 900))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    return created["id"], resident, await worker_headers(services, first), await worker_headers(services, second)
+
+
+async def test_decline_after_other_accepted_conflicts(services, client):
+    request_id, _, first, second = await _two_offers(services, client)
+    await client.post(f"{BASE}/{request_id}/accept", headers=first)
+
+    _, response = await client.post(f"{BASE}/{request_id}/decline", headers=second)
+
+    assert response.status == 409
+    assert response.json["error"]["code"] == "already_taken"
+    assert not await DispatchEvent.filter(service_request_id=request_id, kind="declined").exists()
+
+
+async def test_decline_after_cancel_conflicts(services, client):
+    request_id, resident, first, _ = await _two_offers(services, client)
+    await client.post(f"{BASE}/{request_id}/cancel", headers=resident)
+
+    _, response = await client.post(f"{BASE}/{request_id}/decline", headers=first)
+
+    assert response.status == 409
+    assert response.json["error"]["code"] == "request_cancelled"
+
+
+async def test_decline_after_expiry_conflicts(services, client):
+    request_id, _, first, second = await _two_offers(services, client)
+    advance(services.settings.offer_ttl_s + 1)  # the scheduler has not run yet
+
+    _, before_scheduler = await client.post(f"{BASE}/{request_id}/decline", headers=first)
+    await scheduler.run_once(services)
+    _, after_scheduler = await client.post(f"{BASE}/{request_id}/decline", headers=second)
+
+    for response in (before_scheduler, after_scheduler):
+        assert response.status == 409
+        assert response.json["error"]["code"] == "offer_expired"
+    assert not await DispatchEvent.filter(service_request_id=request_id, kind="declined").exists()
+
+
+async def test_decline_by_assigned_worker_conflicts(services, client):
+    request_id, _, first, _ = await _two_offers(services, client)
+    await client.post(f"{BASE}/{request_id}/accept", headers=first)
+
+    _, response = await client.post(f"{BASE}/{request_id}/decline", headers=first)
+
+    assert response.status == 409
+    assert response.json["error"]["code"] == "already_accepted"
+    assert (await ServiceRequest.get(id=request_id)).status == RequestStatus.ACCEPTED
+
+
+async def test_decline_repeated_is_ok(services, client):
+    request_id, _, first, _ = await _two_offers(services, client)
+
+    _, once = await client.post(f"{BASE}/{request_id}/decline", headers=first)
+    _, again = await client.post(f"{BASE}/{request_id}/decline", headers=first)
+
+    assert once.status == again.status == 200
+    assert await DispatchEvent.filter(service_request_id=request_id, kind="declined").count() == 1
+
+
+async def test_withdraw_twice_conflicts(services, client):
+    request_id, _, first, _ = await _two_offers(services, client)
+    await client.post(f"{BASE}/{request_id}/accept", headers=first)
+
+    _, once = await client.post(f"{BASE}/{request_id}/withdraw", headers=first)
+    _, again = await client.post(f"{BASE}/{request_id}/withdraw", headers=first)
+
+    assert once.status == 200
+    assert again.status == 409
+    assert again.json["error"]["code"] == "already_withdrawn"
+
+
+async def test_concurrent_withdraws_one_succeeds(services, client):
+    request_id, _, first, _ = await _two_offers(services, client)
+    await client.post(f"{BASE}/{request_id}/accept", headers=first)
+
+    responses = await asyncio.gather(*(client.post(f"{BASE}/{request_id}/withdraw", headers=first) for _ in range(2)))
+
+    assert sorted(response.status for _, response in responses) == [200, 409]
+    assert {response.json["error"]["code"] for _, response in responses if response.status == 409} == {
+        "already_withdrawn"
+    }
+    assert await DispatchEvent.filter(service_request_id=request_id, kind="withdrawn").count() == 1
 
 
 async def test_expired_offer_cannot_be_accepted(services, client):
@@ -626,6 +780,66 @@ async def test_service_minutes_bounded_by_elapsed(services, client):
         f"{BASE}/{created['id']}/complete", json={"service_minutes": 35, "summary": "陪伴", **AT_DOOR}, headers=headers
     )
     assert honest.status == 200
+
+
+async def _started_job(services, client) -> tuple[int, dict[str, str]]:
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"])
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    headers = await worker_headers(services, worker)
+    await client.post(f"{BASE}/{created['id']}/accept", headers=headers)
+    await client.post(f"{BASE}/{created['id']}/start", json=AT_DOOR, headers=headers)
+    advance(30 * 60)
+    return created["id"], headers
+
+
+async def test_complete_twice_conflicts(services, client):
+    request_id, headers = await _started_job(services, client)
+    body = {"service_minutes": 30, "summary": "陪伴聊天", **AT_DOOR}
+
+    _, first = await client.post(f"{BASE}/{request_id}/complete", json=body, headers=headers)
+    _, same = await client.post(f"{BASE}/{request_id}/complete", json=body, headers=headers)
+    _, changed = await client.post(
+        f"{BASE}/{request_id}/complete", json={**body, "summary": "协助洗浴"}, headers=headers
+    )
+
+    assert first.status == 200
+    for repeat in (same, changed):
+        assert repeat.status == 409
+        assert repeat.json["error"]["code"] == "already_completed"
+    assert (await ServiceRequest.get(id=request_id)).summary == "陪伴聊天"
+
+
+async def test_complete_retry_with_key_replays(services, client):
+    request_id, headers = await _started_job(services, client)
+    keyed = {**headers, "Idempotency-Key": "complete-once"}
+    body = {"service_minutes": 30, "summary": "陪伴聊天", **AT_DOOR}
+
+    _, first = await client.post(f"{BASE}/{request_id}/complete", json=body, headers=keyed)
+    _, retried = await client.post(f"{BASE}/{request_id}/complete", json=body, headers=keyed)
+
+    assert first.status == retried.status == 200
+    assert retried.json == first.json
+
+
+async def test_concurrent_completes_keep_one_summary(services, client):
+    request_id, headers = await _started_job(services, client)
+    summaries = ["陪伴聊天", "协助洗浴"]
+
+    responses = await asyncio.gather(*(
+        client.post(f"{BASE}/{request_id}/complete", json={"service_minutes": 30, "summary": summary, **AT_DOOR},
+                    headers=headers)
+        for summary in summaries
+    ))
+
+    statuses = [response.status for _, response in responses]
+    assert sorted(statuses) == [200, 409]
+    winner = summaries[statuses.index(200)]
+    assert (await ServiceRequest.get(id=request_id)).summary == winner
+    assert [response.json["error"]["code"] for _, response in responses if response.status == 409] == [
+        "already_completed"
+    ]
 
 
 async def test_start_long_before_preferred_time_rejected(services, client):

@@ -9,6 +9,7 @@ from tests.factories import (
     make_city,
     make_worker,
     north_of,
+    offered_worker_ids,
     officer_headers,
     request_body,
     worker_headers,
@@ -24,8 +25,8 @@ async def test_request_matched_accepted_completed_rated(services, client):
     _, created = await client.post("/api/v1/service-requests", json=request_body(), headers=resident)
     assert created.status == 201, created.json
     assert created.json["status"] == "offered"
-    candidate_ids = [c["worker_id"] for c in created.json["candidates"]]
-    assert candidate_ids == [near.id, far.id]
+    assert created.json["offers"] == {"count": 2, "nearest_band": {"code": "within_1km", "label": "1 公里内"}}
+    assert await offered_worker_ids(created.json["id"]) == [near.id, far.id]
     request_id = created.json["id"]
 
     near_headers = await worker_headers(services, near)

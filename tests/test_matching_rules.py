@@ -6,13 +6,13 @@ import dataclasses
 
 from backend.models import Agency, AgencyStatus
 from backend.workers import sync_agency_workers
-from tests.factories import SIMING, login_resident, make_city, make_worker, north_of, request_body
+from tests.factories import SIMING, login_resident, make_city, make_worker, north_of, offered_worker_ids, request_body
 
 
 async def _candidate_ids(client, headers, **overrides) -> list[int]:
     _, response = await client.post("/api/v1/service-requests", json=request_body(**overrides), headers=headers)
     assert response.status == 201, response.json
-    return [c["worker_id"] for c in response.json["candidates"]]
+    return await offered_worker_ids(response.json["id"])
 
 
 async def test_only_matchable_workers_are_offered(services, client):
@@ -77,7 +77,7 @@ async def test_no_candidates_stays_matching(services, client):
     _, response = await client.post("/api/v1/service-requests", json=request_body(), headers=headers)
     assert response.status == 201
     assert response.json["status"] == "matching"
-    assert response.json["candidates"] == []
+    assert response.json["offers"] == {"count": 0, "nearest_band": None}
 
 
 async def test_agency_suspension_removes_its_workers(services, client):

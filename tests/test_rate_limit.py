@@ -11,6 +11,7 @@ from sanic import Request, Sanic
 from sanic.response import json
 
 from backend import clock, rate_limit
+from backend.models import ServiceRequest
 from backend.rate_limit import RateLimitExceeded
 from tests.conftest import fresh_code
 from tests.factories import login_resident, make_city, request_body
@@ -238,6 +239,40 @@ async def test_create_limited_per_user(services):
     assert limited.status == 429
     assert limited.headers["retry-after"] == "3600"
     assert other_user.status == 201
+
+
+async def test_create_concurrent_allows_exactly_limit(services):
+    await make_city()
+    clock.freeze(START)
+    limit = 5
+    client = _app_with(services, rate_requests_per_user_per_hour=limit).asgi_client
+    alice, _ = await login_resident(client, "alice")
+
+    responses = await asyncio.gather(
+        *(client.post("/api/v1/service-requests", json=request_body(), headers=alice) for _ in range(limit + 10))
+    )
+
+    statuses = [response.status for _, response in responses]
+    assert statuses.count(201) == limit
+    assert statuses.count(429) == 10
+    assert await ServiceRequest.all().count() == limit
+
+
+async def test_create_rejected_forms_not_counted(services):
+    await make_city()
+    clock.freeze(START)
+    client = _app_with(services, rate_requests_per_user_per_hour=2).asgi_client
+    alice, _ = await login_resident(client, "alice")
+    for bad_body in (request_body(category="gardening"), request_body(point=(39.9042, 116.4074)), [1, 2]):
+        _, rejected = await client.post("/api/v1/service-requests", json=bad_body, headers=alice)
+        assert rejected.status == 400
+
+    statuses = []
+    for _ in range(3):
+        _, response = await client.post("/api/v1/service-requests", json=request_body(), headers=alice)
+        statuses.append(response.status)
+
+    assert statuses == [201, 201, 429]
 
 
 async def test_create_limited_per_ip(services):

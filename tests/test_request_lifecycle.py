@@ -11,7 +11,8 @@ import pytest
 from backend import service_requests
 from backend.errors import Conflict
 from backend.geo import wgs84_to_gcj02
-from backend.models import RequestStatus, ServiceRequest, User
+from backend.models import Offer, OfferStatus, RequestStatus, Role, ServiceRequest, User
+from miniprogram_api.views import distance_band
 from tests.factories import (
     AT_DOOR,
     SIMING,
@@ -151,6 +152,57 @@ async def test_offered_worker_sees_no_address(services, client):
     assert "厦禾路" not in response.text
 
 
+async def test_resident_sees_offer_summary_only(services, client):
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1234))
+    await make_worker(services, agencies["approved"], north_of(SIMING, 2345))
+    resident, _ = await login_resident(client)
+    expected = {"count": 2, "nearest_band": {"code": "1_to_3km", "label": "1-3 公里"}}
+
+    _, created = await client.post(BASE, json=request_body(), headers=resident)
+    _, read = await client.get(f"{BASE}/{created.json['id']}", headers=resident)
+
+    for response in (created, read):
+        assert response.json["offers"] == expected
+        assert "candidates" not in response.json
+        assert "distance_m" not in response.text
+        assert "worker_id" not in response.text
+
+
+async def test_officer_sees_exact_candidate_distances(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], north_of(SIMING, 1234))
+    resident, _ = await login_resident(client)
+    _, created = await client.post(BASE, json=request_body(), headers=resident)
+
+    _, read = await client.get(f"{BASE}/{created.json['id']}", headers=await officer_headers(services))
+
+    [candidate] = read.json["candidates"]
+    assert candidate["worker_id"] == worker.id
+    assert abs(candidate["distance_m"] - 1234) <= 1
+    assert candidate["offer_status"] == "open"
+    assert "offers" not in read.json
+
+
+@pytest.mark.parametrize(
+    ("metres", "code"),
+    [(0, "within_1km"), (1000, "within_1km"), (1001, "1_to_3km"), (3000, "1_to_3km"), (4999, "3_to_5km"),
+     (5001, "over_5km"), (19_000, "over_5km")],
+)
+def test_distance_band_edges(metres, code):
+    assert distance_band(metres)["code"] == code
+
+
+async def test_offer_summary_counts_open_offers(services, client):
+    request_id, resident, workers = await _offered_request(services, client)
+    await client.post(f"{BASE}/{request_id}/decline", headers=await worker_headers(services, workers[0]))
+
+    _, read = await client.get(f"{BASE}/{request_id}", headers=resident)
+
+    assert read.json["offers"]["count"] == 1
+    assert read.json["offers"]["nearest_band"]["code"] == "within_1km"
+
+
 async def test_assigned_worker_sees_address(services, client):
     request_id, _, workers = await _offered_request(services, client)
     headers = await worker_headers(services, workers[0])
@@ -184,6 +236,47 @@ async def test_accept_retry_by_winner_is_ok(services, client):
     _, first = await client.post(f"{BASE}/{request_id}/accept", headers=headers)
     _, again = await client.post(f"{BASE}/{request_id}/accept", headers=headers)
     assert first.status == again.status == 200
+
+
+async def _make_officer(worker) -> None:
+    user = await User.get(id=worker.user_id)
+    user.roles = [*user.roles, Role.OFFICER.value]
+    await user.save(update_fields=["roles"])
+
+
+async def test_officer_worker_starts_and_completes(services, client):
+    request_id, _, workers = await _offered_request(services, client)
+    await _make_officer(workers[0])
+    headers = await worker_headers(services, workers[0])
+
+    _, accepted = await client.post(f"{BASE}/{request_id}/accept", headers=headers)
+    _, started = await client.post(f"{BASE}/{request_id}/start", json=AT_DOOR, headers=headers)
+    _, completed = await client.post(
+        f"{BASE}/{request_id}/complete", json={"service_minutes": 10, "summary": "陪同就医", **AT_DOOR}, headers=headers
+    )
+
+    assert accepted.status == 200, accepted.json
+    assert started.status == 200, started.json
+    assert completed.status == 200, completed.json
+    assert completed.json["status"] == "completed"
+
+
+async def test_officer_worker_withdraws_and_declines(services, client):
+    request_id, _, workers = await _offered_request(services, client)
+    await _make_officer(workers[0])
+    await _make_officer(workers[1])
+    first = await worker_headers(services, workers[0])
+    second = await worker_headers(services, workers[1])
+
+    _, declined = await client.post(f"{BASE}/{request_id}/decline", headers=second)
+    _, accepted = await client.post(f"{BASE}/{request_id}/accept", headers=first)
+    _, withdrawn = await client.post(f"{BASE}/{request_id}/withdraw", headers=first)
+
+    assert declined.status == 200, declined.json
+    assert accepted.status == 200, accepted.json
+    assert withdrawn.status == 200, withdrawn.json
+    offers = {offer.worker_id: offer.status for offer in await Offer.filter(service_request_id=request_id)}
+    assert offers == {workers[0].id: OfferStatus.WITHDRAWN, workers[1].id: OfferStatus.DECLINED}
 
 
 async def test_start_and_complete_only_by_assigned(services, client):
@@ -281,6 +374,25 @@ async def test_one_rating_moves_credit_a_little(services, client):
     )
     assert 70.0 <= credit.json["score"] < 75.0
     assert len(credit.json["history"]) == 1
+
+
+async def test_credit_components_kept_after_status_change(services, client):
+    request_id, resident, _ = await _completed_request(services, client)
+    await client.post(f"{BASE}/{request_id}/rating", json={"stars": 1}, headers=resident)
+    agency_id = await _agency_id(request_id)
+    officer = await officer_headers(services)
+    _, rated = await client.get(f"/api/v1/agencies/{agency_id}/credit", headers=officer)
+
+    _, suspended = await client.put(
+        f"/api/v1/admin/agencies/{agency_id}/status", json={"status": "suspended"}, headers=officer
+    )
+    _, after = await client.get(f"/api/v1/agencies/{agency_id}/credit", headers=officer)
+
+    assert suspended.status == 200
+    assert after.json["history"][0]["reason_code"] == "status_suspended"
+    assert after.json["components"] == rated.json["components"]
+    assert after.json["components"]["rating_count"] == 1
+    assert after.json["components"]["ratings"] == after.json["score"]
 
 
 async def _agency_id(request_id: int) -> int:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
 from datetime import datetime, timezone
 
 import pytest
+from sanic.exceptions import RequestCancelled
 
 from backend import clock
 from backend.context import Services
 from backend.models import RequestStatus, ServiceRequest
 from backend.redis_client import open_redis
 from backend.settings import PROJECT_ROOT, Settings, SettingsError
+from miniprogram_api.errors import EnvelopeErrorHandler
 from search.redis_geo import RedisGeoIndex
 from tests.factories import login_resident, make_city, make_worker, request_body
 
@@ -49,6 +53,20 @@ async def test_redis_down_gives_503_not_500(services, app, client):
     assert response.status == 503
     assert response.json["error"]["code"] == "service_unavailable"
     await dead.aclose()
+
+
+@pytest.mark.parametrize(
+    ("exception", "status", "level"),
+    [(RequestCancelled(), 499, logging.INFO), (asyncio.CancelledError(), 503, logging.WARNING)],
+)
+def test_cancelled_handler_logged_without_traceback(caplog, exception, status, level):
+    with caplog.at_level(logging.INFO, logger="miniprogram_api.errors"):
+        response = EnvelopeErrorHandler().default(None, exception)
+
+    assert response.status == status
+    [record] = caplog.records
+    assert record.levelno == level
+    assert record.exc_info is None
 
 
 async def test_wrong_method_gets_envelope(client):

@@ -51,7 +51,7 @@ async def test_server_concurrent_accepts_one_winner(services, server):
         created = await http.post("/api/v1/service-requests", json=request_body(), headers=resident)
         assert created.status_code == 201, created.text
         request_id = created.json()["id"]
-        assert len(created.json()["candidates"]) == CONCURRENT_ACCEPTS
+        assert created.json()["offers"]["count"] == CONCURRENT_ACCEPTS
 
         responses = await asyncio.gather(
             *(
@@ -65,3 +65,27 @@ async def test_server_concurrent_accepts_one_winner(services, server):
     winner_index = next(i for i, r in enumerate(responses) if r.status_code == 200)
     stored = await ServiceRequest.get(id=request_id)
     assert stored.worker_id == workers[winner_index].id
+
+
+async def test_server_client_disconnect_not_an_error(services, settings):
+    # A login with a "slow" code waits on the stand-in WeChat server, so the client can hang up
+    # while the handler still runs.
+    body = b'{"code": "slow-hang-up.1"}'
+    raw_request = (
+        b"POST /api/v1/auth/wechat-login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nX-Request-ID: hang-up-1\r\n\r\n%b" % (len(body), body)
+    )
+    with api_processes(settings) as [api]:
+        port = int(api.base_url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw_request)
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.5)
+
+    assert "client disconnected" in api.output, api.output
+    assert "hang-up-1" in api.output, api.output
+    assert "unhandled error" not in api.output, api.output
+    assert "Traceback" not in api.output, api.output
