@@ -7,10 +7,11 @@ import logging
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from backend import accounts, clock, dispatch, outbox
+from backend import accounts, clock, dispatch, outbox, paging
 from backend.context import Services
 from backend.errors import Conflict, NotFound, ValidationError
 from backend.models import Agency, AgencyStatus, CreditEvent, Role, ServiceStation, User, Worker, WorkerStatus
+from backend.paging import Page
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +21,18 @@ MAX_REASON_CHARS = 200
 AGENCY_STATUS_NAMES = {"pending": "待审核", "approved": "已通过", "suspended": "已暂停"}
 
 
-async def list_workers(status: str | None, limit: int = 200) -> list[Worker]:
+async def list_workers(status: str | None, *, cursor: str | None, limit: int) -> Page[Worker]:
+    """Read a page of workers, oldest first, so reviewers work through registrations in the order they came."""
     query = Worker.all().order_by("id")
     if status is not None:
         if status not in {s.value for s in WorkerStatus}:
             raise ValidationError("状态只能是 pending、verified 或 rejected。", field="status")
         query = query.filter(status=status)
-    return await query.limit(limit)
+    after_id = paging.parse_id_cursor(cursor)
+    if after_id is not None:
+        query = query.filter(id__gt=after_id)
+    rows = await query.limit(limit + 1)
+    return paging.page_of(rows, limit, lambda worker: str(worker.id))
 
 
 async def reject_worker(services: Services, officer: User, worker_id: int, reason: object) -> Worker:

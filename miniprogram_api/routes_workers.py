@@ -11,9 +11,9 @@ from backend.errors import ValidationError
 from backend.locations import parse_location
 from backend.models import Role
 from miniprogram_api.auth import authenticated
-from miniprogram_api.bodies import MAX_ID, json_body, path_id, required
+from miniprogram_api.bodies import MAX_ID, json_body, page_query, path_id, required
 from miniprogram_api.schemas import DutyBody, WorkerRegistrationBody
-from miniprogram_api.views import offer_view
+from miniprogram_api.views import offer_view, page_view
 
 bp = Blueprint("workers")
 
@@ -68,11 +68,13 @@ async def set_duty(request: Request):
 
 
 @bp.get("/api/v1/workers/me/offers")
-@openapi.summary("Open offers for the logged-in worker: category, street and distance only")
+@openapi.summary("Open offers for the logged-in worker, newest first: category, street and distance only")
+@openapi.parameter("cursor", str, "query")
+@openapi.parameter("limit", int, "query")
 @authenticated(Role.WORKER)
 async def list_offers(request: Request):
-    offers = await service_requests.open_offers(request.ctx.user)
-    return json({"items": [offer_view(offer, service_request) for offer, service_request in offers]})
+    offers = await service_requests.open_offers(request.ctx.user, **page_query(request))
+    return json(page_view(offers, lambda row: offer_view(*row)))
 
 
 @bp.post("/api/v1/admin/workers/<worker_id>/verify")

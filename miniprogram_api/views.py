@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from backend import clock
 from backend.catalog import CATEGORIES_BY_CODE
 from backend.matching import Candidate, smoothed_rating
 from backend.models import DispatchEvent, DispatchStage, Offer, RequestStatus, ServiceRequest, User, Worker
+from backend.paging import Page
+
+
+def page_view(page: Page, render: Callable[..., dict]) -> dict:
+    """Render a page of a list endpoint. A client passes `next_cursor` back as `cursor` for the next page."""
+    return {"items": [render(item) for item in page.items], "next_cursor": page.next_cursor}
 
 
 def user_view(user: User) -> dict:
