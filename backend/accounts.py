@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ LOGIN_RETRY_TTL_S = 300
 LOGIN_LOCK_EXTRA_S = 5
 LOGIN_LOCK_POLL_S = 0.05
 _AES_GCM_NONCE_BYTES = 12
+# Tokens are base64url text from secrets.token_urlsafe(). Anything else in the Authorization
+# header, such as bytes that are no UTF-8, is rejected before it is hashed or sent to Redis.
+_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 # KEYS[1]: the lock. ARGV[1]: its owner. Deletes the lock only if this owner still holds it.
 _RELEASE_LOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -76,6 +80,8 @@ async def revoke_token(client: redis.Redis, token: str) -> None:
 
 async def user_for_token(client: redis.Redis, token: str) -> User:
     """Return the token's user, read fresh so roles granted after login apply at once."""
+    if not _TOKEN_PATTERN.fullmatch(token):
+        raise Unauthorized()
     user_id = await client.get(_token_key(token))
     if user_id is None:
         raise Unauthorized()

@@ -82,6 +82,14 @@ async def test_bad_token_rejected(client, header):
     assert response.json["error"]["code"] == "unauthorized"
 
 
+# Sanic decodes header bytes that are no UTF-8 with surrogateescape, so they arrive as lone surrogates.
+@pytest.mark.parametrize("token", [b"\xe9t\xe9", b"abc\xff" * 8], ids=["latin-1", "invalid-utf-8"])
+async def test_malformed_token_unauthorized(client, token):
+    _, response = await client.get("/api/v1/me", headers={"Authorization": b"Bearer " + token})
+    assert response.status == 401
+    assert response.json["error"]["code"] == "unauthorized"
+
+
 async def test_role_granted_later_applies_to_old_token(services, client):
     await make_city()
     headers, user_id = await login_resident(client, "later-worker")
