@@ -54,7 +54,8 @@ async def reject_worker(services: Services, officer: User, worker_id: int, reaso
 
 
 async def set_agency_status(services: Services, officer: User, agency_id: int, status: object) -> Agency:
-    if status not in AGENCY_STATUS_NAMES:
+    # A JSON list or object is unhashable, so only a string may be looked up.
+    if not isinstance(status, str) or status not in AGENCY_STATUS_NAMES:
         raise ValidationError("状态只能是 pending、approved 或 suspended。", field="status")
     agency = await Agency.get_or_none(id=agency_id)
     if agency is None:

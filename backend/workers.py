@@ -205,14 +205,14 @@ async def register_worker(
     *,
     agency_id: int,
     name: str,
-    certificate_level: str,
+    certificate_level: object,
     certificate_no: str,
     categories: object,
     location: Location,
     service_radius_m: int,
     languages: object = None,
 ) -> Worker:
-    if certificate_level not in CERTIFICATE_RANKS:
+    if not isinstance(certificate_level, str) or certificate_level not in CERTIFICATE_RANKS:
         raise ValidationError("证书等级只能是 assistant、intermediate 或 senior。", field="certificate_level")
     certificate_no = parse_certificate_no(certificate_no)
     parsed_categories = _parse_categories(categories, certificate_level)

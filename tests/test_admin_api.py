@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backend.models import AgencyStatus, ServiceStation, Worker, WorkerStatus
+from backend import workers
+from backend.errors import ValidationError
+from backend.locations import parse_location
+from backend.models import Agency, AgencyStatus, Role, ServiceStation, User, Worker, WorkerStatus
 from tests.factories import SIMING, login_resident, make_city, make_worker, officer_headers, request_body
 
 
@@ -60,6 +63,43 @@ async def test_suspending_agency_stops_matching(services, client):
     _, credit = await client.get(f"/api/v1/agencies/{agencies['approved'].id}/credit", headers=officer)
     assert credit.json["history"][0]["reason_code"] == "status_suspended"
     assert "暂停" in credit.json["history"][0]["reason"]
+
+
+@pytest.mark.parametrize("status", [["approved"], [], {}, [1], {"approved": True}])
+async def test_agency_status_not_string_rejected(services, client, status):
+    agencies = await make_city()
+    agency = agencies["pending"]
+
+    _, response = await client.put(
+        f"/api/v1/admin/agencies/{agency.id}/status", json={"status": status}, headers=await officer_headers(services)
+    )
+
+    assert response.status == 400
+    assert response.json["error"]["code"] == "invalid_input"
+    assert response.json["error"]["field"] == "status"
+    assert (await Agency.get(id=agency.id)).status == AgencyStatus.PENDING
+
+
+@pytest.mark.parametrize("certificate_level", [["senior"], {"senior": 1}])
+async def test_certificate_level_not_string_rejected(services, certificate_level):
+    agencies = await make_city()
+    user = await User.create(openid="level-not-string", roles=[Role.RESIDENT.value])
+
+    with pytest.raises(ValidationError) as caught:
+        await workers.register_worker(
+            services,
+            user,
+            agency_id=agencies["approved"].id,
+            name="林晓",
+            certificate_level=certificate_level,
+            certificate_no="XM2024000777",
+            categories=["elderly_care"],
+            location=parse_location({"lat": SIMING[0], "lng": SIMING[1]}),
+            service_radius_m=3000,
+        )
+
+    assert caught.value.field == "certificate_level"
+    assert not await Worker.exists(user_id=user.id)
 
 
 async def test_manager_account_reads_own_agency(services, client):
