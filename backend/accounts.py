@@ -210,24 +210,53 @@ async def _verify_password(password_hash: str, password: str) -> bool:
         return False
 
 
-# Password guesses per username, whatever the client's IP, so spread-out guessing is slowed too.
-PASSWORD_ATTEMPTS_PER_USERNAME = 10
-PASSWORD_ATTEMPT_WINDOW_S = 15 * 60
+# Failed passwords allowed per (username, client network) in the window. Counting them per
+# network means a client that guesses wrong locks only itself out, never the owner elsewhere.
+PASSWORD_FAILURES_PER_NETWORK = 10
+PASSWORD_FAILURE_WINDOW_S = 15 * 60
+# Failed passwords allowed per username from all networks together. It is ten times the
+# per-network limit over four times the window, so it only slows a guesser who spreads out over
+# many networks. Reaching it still locks the owner out until the oldest failure leaves the hour.
+PASSWORD_FAILURES_PER_USERNAME = 100
+PASSWORD_USERNAME_WINDOW_S = 60 * 60
+_NETWORK_SCOPE = "password-login-user-network"
+_USERNAME_SCOPE = "password-login-user"
 
 
-async def login_with_password(services: Services, username: str, password: str) -> tuple[str, User]:
-    # Only failures count, so a lockout needs wrong guesses and successful logins never add up.
+async def _check_password_limits(client: redis.Redis, username: str, network_identity: str) -> None:
     await rate_limit.check(
-        services.redis, "password-login-user", username, PASSWORD_ATTEMPTS_PER_USERNAME, PASSWORD_ATTEMPT_WINDOW_S
+        client, _NETWORK_SCOPE, network_identity, PASSWORD_FAILURES_PER_NETWORK, PASSWORD_FAILURE_WINDOW_S
     )
+    await rate_limit.check(
+        client, _USERNAME_SCOPE, username, PASSWORD_FAILURES_PER_USERNAME, PASSWORD_USERNAME_WINDOW_S
+    )
+
+
+async def _record_password_failure(client: redis.Redis, username: str, network_identity: str) -> None:
+    await rate_limit.record(client, _NETWORK_SCOPE, network_identity, PASSWORD_FAILURE_WINDOW_S)
+    await rate_limit.record(client, _USERNAME_SCOPE, username, PASSWORD_USERNAME_WINDOW_S)
+
+
+async def login_with_password(
+    services: Services, username: str, password: str, *, client_network: str
+) -> tuple[str, User]:
+    """Check a password login and return a new token with its user.
+
+    `client_network` is rate_limit.client_network() of the request. Only failures count toward
+    the limits, so successful logins never add up to a lockout.
+    """
+    # JSON keeps the pair unambiguous whatever characters the username contains.
+    network_identity = json.dumps([username, client_network])
+    await _check_password_limits(services.redis, username, network_identity)
+
     user = await User.get_or_none(username=username)
     if user is None or not user.password_hash:
         await _verify_password(_DUMMY_HASH, password)
-        await rate_limit.record(services.redis, "password-login-user", username, PASSWORD_ATTEMPT_WINDOW_S)
+        await _record_password_failure(services.redis, username, network_identity)
         raise InvalidCredentials(field="password")
     if not await _verify_password(user.password_hash, password):
         log.info("password login failed user_id=%s", user.id)
-        await rate_limit.record(services.redis, "password-login-user", username, PASSWORD_ATTEMPT_WINDOW_S)
+        await _record_password_failure(services.redis, username, network_identity)
         raise InvalidCredentials(field="password")
     token = await issue_token(services.redis, user.id, services.settings.token_ttl_s)
     log.info("password login user_id=%s", user.id)

@@ -93,7 +93,9 @@ async def password_login(request: Request):
     password = required(body, "password", str, "密码")
     if len(username) > MAX_USERNAME_CHARS or len(password) > MAX_PASSWORD_CHARS:
         raise accounts.InvalidCredentials(field="password")
-    token, user = await accounts.login_with_password(request.app.ctx.services, username, password)
+    token, user = await accounts.login_with_password(
+        request.app.ctx.services, username, password, client_network=rate_limit.client_network(request)
+    )
     return json({"token": token, "user": user_view(user)})
 
 

@@ -188,26 +188,72 @@ async def test_unknown_route_gets_envelope(client):
     assert response.json["error"]["code"] == "not_found"
 
 
-async def test_password_guessing_limited_per_username(services, client):
+ATTACKER_ADDRESS = "203.0.113.7"
+OWNER_ADDRESS = "198.51.100.20"
+
+
+def _behind_proxy(app):
+    """The app's test client, with X-Forwarded-For trusted so each request can name its address."""
+    app.config.PROXIES_COUNT = 1
+    return app.asgi_client
+
+
+async def _password_login(client, username: str, password: str, address: str):
+    _, response = await client.post(
+        "/api/v1/auth/password-login",
+        json={"username": username, "password": password},
+        headers={"X-Forwarded-For": address},
+    )
+    return response
+
+
+async def test_password_guessing_locks_guessing_network(services, app):
     await accounts.ensure_officer("officer-guess", "a-long-password-9")
+    client = _behind_proxy(app)
     statuses = []
-    for attempt in range(accounts.PASSWORD_ATTEMPTS_PER_USERNAME + 1):
-        _, response = await client.post(
-            "/api/v1/auth/password-login", json={"username": "officer-guess", "password": f"wrong-{attempt}"}
-        )
+    for attempt in range(accounts.PASSWORD_FAILURES_PER_NETWORK + 1):
+        response = await _password_login(client, "officer-guess", f"wrong-{attempt}", ATTACKER_ADDRESS)
         statuses.append(response.status)
-    assert statuses[:-1] == [401] * accounts.PASSWORD_ATTEMPTS_PER_USERNAME
+
+    right = await _password_login(client, "officer-guess", "a-long-password-9", ATTACKER_ADDRESS)
+
+    assert statuses[:-1] == [401] * accounts.PASSWORD_FAILURES_PER_NETWORK
     assert statuses[-1] == 429
     assert int(response.headers["retry-after"]) > 0
-    _, right = await client.post(
-        "/api/v1/auth/password-login", json={"username": "officer-guess", "password": "a-long-password-9"}
-    )
     assert right.status == 429
+
+
+async def test_guessing_elsewhere_leaves_owner_login(services, app):
+    await accounts.ensure_officer("officer-owner", "a-long-password-7")
+    client = _behind_proxy(app)
+    for attempt in range(accounts.PASSWORD_FAILURES_PER_NETWORK + 5):
+        await _password_login(client, "officer-owner", f"wrong-{attempt}", ATTACKER_ADDRESS)
+    locked = await _password_login(client, "officer-owner", "wrong-again", ATTACKER_ADDRESS)
+
+    owner = await _password_login(client, "officer-owner", "a-long-password-7", OWNER_ADDRESS)
+
+    assert locked.status == 429
+    assert owner.status == 200, owner.json
+    assert owner.json["user"]["roles"] == ["officer"]
+
+
+async def test_guessing_from_many_networks_limited(services, app, monkeypatch):
+    # The real limit is 100 failures, each costing an argon2 hash, so the test shows the rule with 4.
+    monkeypatch.setattr(accounts, "PASSWORD_FAILURES_PER_USERNAME", 4)
+    await accounts.ensure_officer("officer-spread", "a-long-password-6")
+    client = _behind_proxy(app)
+    statuses = []
+    for attempt in range(5):
+        response = await _password_login(client, "officer-spread", f"wrong-{attempt}", f"203.0.113.{attempt + 1}")
+        statuses.append(response.status)
+
+    assert statuses == [401, 401, 401, 401, 429]
+    assert int(response.headers["retry-after"]) > 0
 
 
 async def test_successful_logins_never_lock_out(services, client):
     await accounts.ensure_officer("officer-busy", "a-long-password-8")
-    for _ in range(accounts.PASSWORD_ATTEMPTS_PER_USERNAME + 2):
+    for _ in range(accounts.PASSWORD_FAILURES_PER_NETWORK + 2):
         _, response = await client.post(
             "/api/v1/auth/password-login", json={"username": "officer-busy", "password": "a-long-password-8"}
         )
