@@ -13,7 +13,7 @@ from backend.models import Role
 from miniprogram_api.auth import authenticated
 from miniprogram_api.bodies import MAX_ID, json_body, page_query, path_id, required
 from miniprogram_api.schemas import DutyBody, WorkerRegistrationBody
-from miniprogram_api.views import offer_view, page_view
+from miniprogram_api.views import offer_view, page_view, worker_profile_view
 
 bp = Blueprint("workers")
 
@@ -22,7 +22,7 @@ MAX_CERTIFICATE_NO_CHARS = 64
 
 
 @bp.post("/api/v1/workers/me")
-@openapi.summary("Register the logged-in user as a social worker (pending verification)")
+@openapi.summary("Register as a social worker (pending verification), or register again after a rejection")
 @openapi.body({"application/json": WorkerRegistrationBody})
 @authenticated()
 async def register_worker(request: Request):
@@ -40,7 +40,7 @@ async def register_worker(request: Request):
     service_radius_m = required(body, "service_radius_m", int, "服务半径")
     location = parse_location(body.get("location"))
 
-    worker = await workers.register_worker(
+    worker, created = await workers.register_worker(
         request.app.ctx.services,
         request.ctx.user,
         agency_id=agency_id,
@@ -52,7 +52,15 @@ async def register_worker(request: Request):
         service_radius_m=service_radius_m,
         languages=body.get("languages"),
     )
-    return json({"id": worker.id, "status": worker.status.value}, status=201)
+    return json({"id": worker.id, "status": worker.status.value}, status=201 if created else 200)
+
+
+@bp.get("/api/v1/workers/me")
+@openapi.summary("The logged-in user's own worker profile: review status, rejection reason, agency, duty")
+@authenticated()
+async def read_own_profile(request: Request):
+    worker = await workers.own_profile(request.ctx.user)
+    return json(worker_profile_view(worker))
 
 
 @bp.put("/api/v1/workers/me/duty")

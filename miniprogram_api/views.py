@@ -133,6 +133,30 @@ def request_view(request: ServiceRequest, relation: str, *, worker: Worker | Non
     return view
 
 
+def worker_profile_view(worker: Worker) -> dict:
+    """Render a worker's own profile, for that worker only: it has the certificate number and location."""
+    agency = worker.agency
+    return {
+        "id": worker.id,
+        "status": worker.status.value,
+        "rejection_reason": worker.rejection_reason,
+        "name": worker.name,
+        "certificate_level": worker.certificate_level.value,
+        "certificate_no": worker.certificate_no,
+        "categories": list(worker.categories),
+        "languages": list(worker.languages),
+        "agency": {"id": agency.id, "name": agency.name, "status": agency.status.value},
+        "on_duty": worker.on_duty,
+        "service_radius_m": worker.service_radius_m,
+        "district_code": worker.district_id,
+        "location": {"lat": worker.lat, "lng": worker.lng, "coord_system": "gcj02"},
+        "rating": round(smoothed_rating(worker.rating_sum, worker.rating_count), 2),
+        "rating_count": worker.rating_count,
+        "verified_at": clock.to_local_iso(worker.verified_at),
+        "created_at": clock.to_local_iso(worker.created_at),
+    }
+
+
 def offer_view(offer: Offer, request: ServiceRequest) -> dict:
     category = CATEGORIES_BY_CODE[request.category]
     return {
