@@ -16,7 +16,6 @@ from backend.paging import Page
 log = logging.getLogger(__name__)
 
 MIN_STAFF_PASSWORD_CHARS = 12
-MAX_USERNAME_CHARS = 64
 MAX_REASON_CHARS = 200
 AGENCY_STATUS_NAMES = {"pending": "待审核", "approved": "已通过", "suspended": "已暂停"}
 
@@ -81,16 +80,12 @@ async def set_agency_status(services: Services, officer: User, agency_id: int, s
     return agency
 
 
-def _check_credentials(username: object, password: object) -> tuple[str, str]:
-    if not isinstance(username, str) or not username.strip() or len(username) > MAX_USERNAME_CHARS:
-        raise ValidationError(f"用户名需为 1 到 {MAX_USERNAME_CHARS} 个字符。", field="username")
-    if not isinstance(password, str) or len(password) < MIN_STAFF_PASSWORD_CHARS:
-        raise ValidationError(f"密码至少需要 {MIN_STAFF_PASSWORD_CHARS} 个字符。", field="password")
-    return username.strip(), password
-
-
 async def _create_staff(username: object, password: object, role: Role, **links) -> User:
-    username, password = _check_credentials(username, password)
+    username = accounts.parse_new_username(username)
+    password = accounts.check_new_password(password, min_chars=MIN_STAFF_PASSWORD_CHARS)
+    # Logins match usernames without case, so one that differs from another only in case is taken.
+    if await accounts.username_taken(username):
+        raise Conflict("该用户名已被使用。", field="username", code="username_taken")
     password_hash = await accounts.hash_password(password)
     try:
         return await User.create(username=username, password_hash=password_hash, roles=[role.value], **links)

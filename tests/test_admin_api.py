@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend import workers
+from backend import accounts, workers
 from backend.errors import ValidationError
 from backend.locations import parse_location
 from backend.models import Agency, AgencyStatus, Role, ServiceStation, User, Worker, WorkerStatus
@@ -160,6 +160,47 @@ async def test_manager_bad_credentials(services, client, body):
     _, response = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
                                     headers=await officer_headers(services))
     assert response.status == 400
+
+
+async def test_manager_password_over_login_limit_rejected(services, client):
+    agencies = await make_city()
+    body = {"username": "manager-long", "password": "p" * (accounts.MAX_PASSWORD_CHARS + 1)}
+
+    _, response = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                    headers=await officer_headers(services))
+
+    assert response.status == 400
+    assert response.json["error"]["field"] == "password"
+    assert not await User.exists(username="manager-long")
+
+
+async def test_manager_longest_password_logs_in(services, client):
+    agencies = await make_city()
+    body = {"username": "manager-longest", "password": "p" * accounts.MAX_PASSWORD_CHARS}
+
+    _, created = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                   headers=await officer_headers(services))
+    _, login = await client.post("/api/v1/auth/password-login", json=body)
+
+    assert created.status == 201, created.json
+    assert login.status == 200, login.json
+
+
+@pytest.mark.parametrize("taken_as", ["Manager-XM", "MANAGER-xm", "ｍａｎａｇｅｒ-ｘｍ"])
+async def test_username_differing_only_by_case_taken(services, client, taken_as):
+    agencies = await make_city()
+    officer = await officer_headers(services)
+    path = f"/api/v1/admin/agencies/{agencies['approved'].id}/managers"
+    _, first = await client.post(path, json={"username": "manager-xm", "password": "manager-password-1"},
+                                 headers=officer)
+
+    _, second = await client.post(path, json={"username": taken_as, "password": "manager-password-2"},
+                                  headers=officer)
+
+    assert first.status == 201, first.json
+    assert second.status == 409
+    assert second.json["error"]["code"] == "username_taken"
+    assert await User.filter(agency_id=agencies["approved"].id).count() == 1
 
 
 async def test_officer_cannot_create_request(services, client):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend import accounts
+from backend.models import User
 from tests.conftest import fresh_code
 from tests.factories import login_resident, make_city, officer_headers
 
@@ -133,6 +134,79 @@ async def test_password_login_rejected(services, client, username, password):
     _, response = await client.post("/api/v1/auth/password-login", json={"username": username, "password": password})
     assert response.status == 401
     assert response.json["error"]["code"] == "invalid_credentials"
+
+
+@pytest.mark.parametrize(
+    "typed",
+    ["officer-zhang", "  officer-zhang  ", "Officer-Zhang", "OFFICER-ZHANG", "ｏｆｆｉｃｅｒ－ｚｈａｎｇ"],
+    ids=["exact", "spaces", "capitalised", "upper-case", "full-width"],
+)
+async def test_username_normalised_at_login(services, client, typed):
+    await accounts.ensure_officer("officer-zhang", "a-long-password-1")
+
+    _, response = await client.post(
+        "/api/v1/auth/password-login", json={"username": typed, "password": "a-long-password-1"}
+    )
+
+    assert response.status == 200, response.json
+
+
+async def test_stored_case_ignored_at_login(services, client):
+    await accounts.ensure_officer("  Officer-Wang ", "a-long-password-3")
+
+    _, response = await client.post(
+        "/api/v1/auth/password-login", json={"username": "officer-wang", "password": "a-long-password-3"}
+    )
+
+    assert response.status == 200, response.json
+    assert await User.filter(username="Officer-Wang").count() == 1
+
+
+async def test_ensure_officer_finds_any_case(services):
+    first = await accounts.ensure_officer("officer-chen", "a-long-password-4")
+
+    again = await accounts.ensure_officer("Officer-Chen", "a-long-password-5")
+
+    assert again.id == first.id
+    assert await User.filter(username__isnull=False).count() == 1
+
+
+async def test_case_insensitive_login_needs_one_match(services, client):
+    # Two accounts that differ only in case can exist from before usernames ignored case.
+    password_hash = await accounts.hash_password("a-long-password-2")
+    lower = await User.create(username="staff-dup", password_hash=password_hash, roles=["station_staff"])
+    await User.create(username="Staff-Dup", password_hash=password_hash, roles=["station_staff"])
+    solo = await User.create(username="Staff-Solo", password_hash=password_hash, roles=["station_staff"])
+
+    _, exact = await client.post(
+        "/api/v1/auth/password-login", json={"username": "staff-dup", "password": "a-long-password-2"}
+    )
+    _, ambiguous = await client.post(
+        "/api/v1/auth/password-login", json={"username": "STAFF-DUP", "password": "a-long-password-2"}
+    )
+    _, unique = await client.post(
+        "/api/v1/auth/password-login", json={"username": "staff-solo", "password": "a-long-password-2"}
+    )
+
+    assert exact.status == 200
+    assert exact.json["user"]["id"] == lower.id
+    assert ambiguous.status == 401
+    assert ambiguous.json["error"]["code"] == "invalid_credentials"
+    assert unique.status == 200
+    assert unique.json["user"]["id"] == solo.id
+
+
+async def test_case_variants_share_guess_limit(services, client):
+    await accounts.ensure_officer("officer-case", "a-long-password-6")
+    for attempt in range(accounts.PASSWORD_FAILURES_PER_NETWORK):
+        typed = "officer-case" if attempt % 2 else "OFFICER-CASE"
+        await client.post("/api/v1/auth/password-login", json={"username": typed, "password": f"wrong-{attempt}"})
+
+    _, locked = await client.post(
+        "/api/v1/auth/password-login", json={"username": "Officer-Case", "password": "wrong-again"}
+    )
+
+    assert locked.status == 429
 
 
 async def test_password_is_hashed(services):
