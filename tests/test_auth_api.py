@@ -41,6 +41,14 @@ async def test_wechat_login_errors(client, code, status, error_code):
     assert response.json["error"]["message"]
 
 
+async def test_wechat_quota_sends_retry_after(client):
+    _, response = await client.post("/api/v1/auth/wechat-login", json={"code": fresh_code("ratelimit-2")})
+
+    assert response.status == 429
+    assert response.json["error"]["code"] == "wechat_rate_limited"
+    assert response.headers["retry-after"] == "60"
+
+
 async def test_wechat_login_code_used_elsewhere(services, client):
     code = fresh_code("carol")
     # The code was spent by another client of WeChat, so our server never saw it succeed.
