@@ -26,6 +26,7 @@ from backend import clock, rate_limit
 from backend.context import Services
 from backend.errors import Unauthorized, ValidationError
 from backend.models import Role, User
+from backend.text import has_hidden_characters
 from backend.wechat import DEADLINE_MARGIN_S, WeChatUnavailable
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,9 @@ def parse_new_username(raw: object) -> str:
     username = normalize_username(raw) if isinstance(raw, str) else ""
     if not username or len(username) > MAX_USERNAME_CHARS:
         raise ValidationError(f"用户名需为 1 到 {MAX_USERNAME_CHARS} 个字符。", field="username")
+    # Officers read usernames, and an invisible character could make one look like another's.
+    if has_hidden_characters(username):
+        raise ValidationError("用户名中含有不可见的字符或控制字符，请删除后重新输入。", field="username")
     return username
 
 

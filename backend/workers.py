@@ -17,6 +17,7 @@ from backend.context import Services
 from backend.errors import Conflict, Forbidden, NotFound, ValidationError
 from backend.locations import Location
 from backend.matching import smoothed_rating
+from backend.text import has_hidden_characters
 from backend.models import (
     CERTIFICATE_RANKS,
     Agency,
@@ -38,6 +39,7 @@ from search.base import (
 log = logging.getLogger(__name__)
 
 MIN_SERVICE_RADIUS_M = 500
+MAX_NAME_CHARS = 32
 MAX_CERTIFICATE_NO_CHARS = 64  # the column's length
 # Characters that print as nothing, so a pasted certificate number can carry them unseen: zero
 # width space, zero width non-joiner and joiner, word joiner, and the byte order mark.
@@ -181,6 +183,17 @@ def _parse_categories(raw: object, certificate_level: str) -> list[str]:
     return categories
 
 
+def parse_worker_name(raw: object) -> str:
+    """Trim a worker's name, which residents see, and raise ValidationError unless it is 1 to
+    MAX_NAME_CHARS characters with no invisible or text-reversing ones."""
+    name = raw.strip() if isinstance(raw, str) else ""
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise ValidationError(f"姓名需为 1 到 {MAX_NAME_CHARS} 个字。", field="name")
+    if has_hidden_characters(name):
+        raise ValidationError("姓名中含有不可见的字符或控制字符，请删除后重新输入。", field="name")
+    return name
+
+
 def normalize_certificate_no(raw: str) -> str:
     """Fold full-width characters, case and spaces, and drop zero-width characters, so one
     certificate cannot register twice."""
@@ -204,7 +217,7 @@ async def register_worker(
     user: User,
     *,
     agency_id: int,
-    name: str,
+    name: object,
     certificate_level: object,
     certificate_no: str,
     categories: object,
@@ -218,6 +231,7 @@ async def register_worker(
     replace the rejected profile, which keeps its id and ratings and goes back to pending.
     A pending or verified profile cannot be replaced (409 worker_exists).
     """
+    name = parse_worker_name(name)
     if not isinstance(certificate_level, str) or certificate_level not in CERTIFICATE_RANKS:
         raise ValidationError("证书等级只能是 assistant、intermediate 或 senior。", field="certificate_level")
     certificate_no = parse_certificate_no(certificate_no)

@@ -17,7 +17,6 @@ from miniprogram_api.views import offer_view, page_view, worker_profile_view
 
 bp = Blueprint("workers")
 
-MAX_NAME_CHARS = 32
 MAX_CERTIFICATE_NO_CHARS = 64
 
 
@@ -30,9 +29,7 @@ async def register_worker(request: Request):
     agency_id = required(body, "agency_id", int, "服务机构")
     if not 1 <= agency_id <= MAX_ID:
         raise ValidationError("所选服务机构不存在。", field="agency_id", code="agency_not_found")
-    name = required(body, "name", str, "姓名").strip()
-    if not name or len(name) > MAX_NAME_CHARS:
-        raise ValidationError(f"姓名需为 1 到 {MAX_NAME_CHARS} 个字。", field="name")
+    name = required(body, "name", str, "姓名")
     certificate_level = required(body, "certificate_level", str, "证书等级")
     certificate_no = required(body, "certificate_no", str, "证书编号").strip()
     if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:

@@ -186,6 +186,19 @@ async def test_manager_longest_password_logs_in(services, client):
     assert login.status == 200, login.json
 
 
+@pytest.mark.parametrize("username", ["manager\u200b", "man\u202eager", "manager\u00ad", "manager\tone"])
+async def test_username_with_hidden_characters_rejected(services, client, username):
+    agencies = await make_city()
+    body = {"username": username, "password": "manager-password-1"}
+
+    _, response = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                    headers=await officer_headers(services))
+
+    assert response.status == 400
+    assert response.json["error"]["field"] == "username"
+    assert not await User.filter(agency_id=agencies["approved"].id).exists()
+
+
 @pytest.mark.parametrize("taken_as", ["Manager-XM", "MANAGER-xm", "ｍａｎａｇｅｒ-ｘｍ"])
 async def test_username_differing_only_by_case_taken(services, client, taken_as):
     agencies = await make_city()

@@ -1,4 +1,5 @@
-"""A worker's own profile (GET /api/v1/workers/me) and registering again after a rejection."""
+"""Worker registration: the name check, the own profile (GET /api/v1/workers/me), and registering again
+after a rejection."""
 
 from __future__ import annotations
 
@@ -158,3 +159,49 @@ async def test_reviewable_worker_cannot_register_again(services, client, status)
     assert profile.json["status"] == status
     assert profile.json["certificate_no"] == "XM-FIRST-1"
     assert profile.json["agency"]["id"] == agencies["approved"].id
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted"),
+    [
+        ("林\u202e晓", False),  # RIGHT-TO-LEFT OVERRIDE
+        ("林\u200b晓", False),  # ZERO WIDTH SPACE
+        ("\u200d林晓", False),  # ZERO WIDTH JOINER
+        ("林晓\u2066", False),  # LEFT-TO-RIGHT ISOLATE
+        ("\ufeff林晓", False),  # BYTE ORDER MARK
+        ("林\n晓", False),
+        ("林\u0007晓", False),  # BELL
+        ("林\u2028晓", False),  # LINE SEPARATOR
+        ("  林晓  ", True),
+        ("阿卜杜·热合曼", True),
+        ("Maria López", True),
+        ("林 晓", True),
+    ],
+)
+async def test_name_hidden_characters_rejected(services, client, name, accepted):
+    agencies = await make_city()
+    headers, _ = await login_resident(client, "name-check")
+
+    _, response = await client.post(ME, json=_registration(agencies["approved"].id, "XM-NAME-1", name=name),
+                                    headers=headers)
+
+    if accepted:
+        assert response.status == 201, response.json
+        assert (await Worker.get(id=response.json["id"])).name == name.strip()
+    else:
+        assert response.status == 400
+        assert response.json["error"]["code"] == "invalid_input"
+        assert response.json["error"]["field"] == "name"
+        assert not await Worker.exists()
+
+
+async def test_resubmitted_name_checked_too(services, client):
+    agencies = await make_city()
+    headers, worker_id = await _rejected_worker(services, client, agencies)
+
+    _, response = await client.post(ME, json=_registration(agencies["approved"].id, "XM-NAME-3", name="林\u202e晓"),
+                                    headers=headers)
+
+    assert response.status == 400
+    assert response.json["error"]["field"] == "name"
+    assert (await Worker.get(id=worker_id)).status == WorkerStatus.REJECTED
