@@ -8,7 +8,9 @@ import hashlib
 import json
 import logging
 import math
+import re
 import secrets
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ from backend import clock, rate_limit
 from backend.context import Services
 from backend.errors import Unauthorized, ValidationError
 from backend.models import Role, User
+from backend.text import has_hidden_characters
 from backend.wechat import DEADLINE_MARGIN_S, WeChatUnavailable
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,9 @@ LOGIN_RETRY_TTL_S = 300
 LOGIN_LOCK_EXTRA_S = 5
 LOGIN_LOCK_POLL_S = 0.05
 _AES_GCM_NONCE_BYTES = 12
+# Tokens are base64url text from secrets.token_urlsafe(). Anything else in the Authorization
+# header, such as bytes that are no UTF-8, is rejected before it is hashed or sent to Redis.
+_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 # KEYS[1]: the lock. ARGV[1]: its owner. Deletes the lock only if this owner still holds it.
 _RELEASE_LOCK_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -76,6 +82,8 @@ async def revoke_token(client: redis.Redis, token: str) -> None:
 
 async def user_for_token(client: redis.Redis, token: str) -> User:
     """Return the token's user, read fresh so roles granted after login apply at once."""
+    if not _TOKEN_PATTERN.fullmatch(token):
+        raise Unauthorized()
     user_id = await client.get(_token_key(token))
     if user_id is None:
         raise Unauthorized()
@@ -204,24 +212,120 @@ async def _verify_password(password_hash: str, password: str) -> bool:
         return False
 
 
-# Password guesses per username, whatever the client's IP, so spread-out guessing is slowed too.
-PASSWORD_ATTEMPTS_PER_USERNAME = 10
-PASSWORD_ATTEMPT_WINDOW_S = 15 * 60
+# Limits that apply both when an account is created and when it logs in, so every username
+# and password that can be set can also be used to log in.
+MAX_USERNAME_CHARS = 64  # the column's length
+# Caps the text that an anonymous login request can make argon2 hash.
+MAX_PASSWORD_CHARS = 256
 
 
-async def login_with_password(services: Services, username: str, password: str) -> tuple[str, User]:
-    # Only failures count, so a lockout needs wrong guesses and successful logins never add up.
-    await rate_limit.check(
-        services.redis, "password-login-user", username, PASSWORD_ATTEMPTS_PER_USERNAME, PASSWORD_ATTEMPT_WINDOW_S
-    )
+def normalize_username(raw: str) -> str:
+    """Fold full-width and other compatibility forms (NFKC) and trim spaces.
+
+    Creation and login apply the same steps, so a username typed with a phone's full-width
+    input or a trailing space still finds its account. Case is kept as typed, and matching
+    ignores it (find_by_username).
+    """
+    return unicodedata.normalize("NFKC", raw).strip()
+
+
+def parse_new_username(raw: object) -> str:
+    """Normalise the username of a new account, or raise ValidationError on `username`."""
+    username = normalize_username(raw) if isinstance(raw, str) else ""
+    if not username or len(username) > MAX_USERNAME_CHARS:
+        raise ValidationError(f"用户名需为 1 到 {MAX_USERNAME_CHARS} 个字符。", field="username")
+    # Officers read usernames, and an invisible character could make one look like another's.
+    if has_hidden_characters(username):
+        raise ValidationError("用户名中含有不可见的字符或控制字符，请删除后重新输入。", field="username")
+    return username
+
+
+def check_new_password(password: object, *, min_chars: int) -> str:
+    """Return a new account's password if it has min_chars to MAX_PASSWORD_CHARS characters."""
+    if not isinstance(password, str) or not min_chars <= len(password) <= MAX_PASSWORD_CHARS:
+        raise ValidationError(f"密码需为 {min_chars} 到 {MAX_PASSWORD_CHARS} 个字符。", field="password")
+    return password
+
+
+async def find_by_username(username: str) -> User | None:
+    """Find the account of a normalised username, ignoring case.
+
+    The exact spelling is tried first, through the column's unique index. Only a miss compares
+    without case, which scans the users table.
+    NOTE: that comparison is SQL UPPER(), which folds only ASCII letters in SQLite but all
+    letters in PostgreSQL, so non-ASCII usernames match case-insensitively only on PostgreSQL.
+    """
     user = await User.get_or_none(username=username)
+    if user is not None:
+        return user
+    matches = await User.filter(username__iexact=username).order_by("id").limit(2)
+    if len(matches) > 1:
+        # Accounts created before usernames ignored case, or by two officers at the same moment,
+        # may differ only in case. Neither is picked, because it could be the wrong person's.
+        user_ids = [match.id for match in matches]
+        log.warning("username matches several accounts by case, login rejected user_ids=%s", user_ids)
+        return None
+    return matches[0] if matches else None
+
+
+async def username_taken(username: str) -> bool:
+    """Check whether an account already has this normalised username in any case."""
+    return await User.filter(username__iexact=username).exists()
+
+
+# Failed passwords allowed per (username, client network) in the window. Counting them per
+# network means a client that guesses wrong locks only itself out, never the owner elsewhere.
+PASSWORD_FAILURES_PER_NETWORK = 10
+PASSWORD_FAILURE_WINDOW_S = 15 * 60
+# Failed passwords allowed per username from all networks together. It is ten times the
+# per-network limit over four times the window, so it only slows a guesser who spreads out over
+# many networks. Reaching it still locks the owner out until the oldest failure leaves the hour.
+PASSWORD_FAILURES_PER_USERNAME = 100
+PASSWORD_USERNAME_WINDOW_S = 60 * 60
+_NETWORK_SCOPE = "password-login-user-network"
+_USERNAME_SCOPE = "password-login-user"
+
+
+async def _check_password_limits(client: redis.Redis, username: str, network_identity: str) -> None:
+    await rate_limit.check(
+        client, _NETWORK_SCOPE, network_identity, PASSWORD_FAILURES_PER_NETWORK, PASSWORD_FAILURE_WINDOW_S
+    )
+    await rate_limit.check(
+        client, _USERNAME_SCOPE, username, PASSWORD_FAILURES_PER_USERNAME, PASSWORD_USERNAME_WINDOW_S
+    )
+
+
+async def _record_password_failure(client: redis.Redis, username: str, network_identity: str) -> None:
+    await rate_limit.record(client, _NETWORK_SCOPE, network_identity, PASSWORD_FAILURE_WINDOW_S)
+    await rate_limit.record(client, _USERNAME_SCOPE, username, PASSWORD_USERNAME_WINDOW_S)
+
+
+async def login_with_password(
+    services: Services, username: str, password: str, *, client_network: str
+) -> tuple[str, User]:
+    """Check a password login and return a new token with its user.
+
+    `client_network` is rate_limit.client_network() of the request. Only failures count toward
+    the limits, so successful logins never add up to a lockout.
+    """
+    username = normalize_username(username)
+    # Nothing longer can have been stored, so it is a wrong login and is not worth a hash.
+    if not username or len(username) > MAX_USERNAME_CHARS or len(password) > MAX_PASSWORD_CHARS:
+        raise InvalidCredentials(field="password")
+    # Usernames match without case, so failures under any spelling count toward one limit.
+    limited_name = username.casefold()
+    # JSON keeps the pair unambiguous whatever characters the username contains.
+    network_identity = json.dumps([limited_name, client_network])
+    await _check_password_limits(services.redis, limited_name, network_identity)
+
+    user = await find_by_username(username)
     if user is None or not user.password_hash:
         await _verify_password(_DUMMY_HASH, password)
-        await rate_limit.record(services.redis, "password-login-user", username, PASSWORD_ATTEMPT_WINDOW_S)
+        await _record_password_failure(services.redis, limited_name, network_identity)
         raise InvalidCredentials(field="password")
     if not await _verify_password(user.password_hash, password):
         log.info("password login failed user_id=%s", user.id)
-        await rate_limit.record(services.redis, "password-login-user", username, PASSWORD_ATTEMPT_WINDOW_S)
+        await _record_password_failure(services.redis, limited_name, network_identity)
         raise InvalidCredentials(field="password")
     token = await issue_token(services.redis, user.id, services.settings.token_ttl_s)
     log.info("password login user_id=%s", user.id)
@@ -229,11 +333,15 @@ async def login_with_password(services: Services, username: str, password: str) 
 
 
 async def ensure_officer(username: str, password: str) -> User:
-    """Create the civil-affairs officer account, or reset its password and role."""
-    if not username.strip():
-        raise ValidationError("用户名不能为空。", field="username")
+    """Create the civil-affairs officer account, or reset its password and role.
+
+    The account is found the way a login finds it, so its username is normalised and matched
+    without case. Settings checks the password's minimum length for APP_ENV=prod.
+    """
+    username = parse_new_username(username)
+    password = check_new_password(password, min_chars=1)
     password_hash = await hash_password(password)
-    user = await User.get_or_none(username=username)
+    user = await find_by_username(username)
     if user is None:
         return await User.create(username=username, password_hash=password_hash, roles=[Role.OFFICER.value])
     roles = list(user.roles)

@@ -7,26 +7,31 @@ import logging
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from backend import accounts, clock, dispatch, outbox
+from backend import accounts, clock, dispatch, outbox, paging
 from backend.context import Services
 from backend.errors import Conflict, NotFound, ValidationError
 from backend.models import Agency, AgencyStatus, CreditEvent, Role, ServiceStation, User, Worker, WorkerStatus
+from backend.paging import Page
 
 log = logging.getLogger(__name__)
 
 MIN_STAFF_PASSWORD_CHARS = 12
-MAX_USERNAME_CHARS = 64
 MAX_REASON_CHARS = 200
 AGENCY_STATUS_NAMES = {"pending": "待审核", "approved": "已通过", "suspended": "已暂停"}
 
 
-async def list_workers(status: str | None, limit: int = 200) -> list[Worker]:
+async def list_workers(status: str | None, *, cursor: str | None, limit: int) -> Page[Worker]:
+    """Read a page of workers, oldest first, so reviewers work through registrations in the order they came."""
     query = Worker.all().order_by("id")
     if status is not None:
         if status not in {s.value for s in WorkerStatus}:
             raise ValidationError("状态只能是 pending、verified 或 rejected。", field="status")
         query = query.filter(status=status)
-    return await query.limit(limit)
+    after_id = paging.parse_id_cursor(cursor)
+    if after_id is not None:
+        query = query.filter(id__gt=after_id)
+    rows = await query.limit(limit + 1)
+    return paging.page_of(rows, limit, lambda worker: str(worker.id))
 
 
 async def reject_worker(services: Services, officer: User, worker_id: int, reason: object) -> Worker:
@@ -48,7 +53,8 @@ async def reject_worker(services: Services, officer: User, worker_id: int, reaso
 
 
 async def set_agency_status(services: Services, officer: User, agency_id: int, status: object) -> Agency:
-    if status not in AGENCY_STATUS_NAMES:
+    # A JSON list or object is unhashable, so only a string may be looked up.
+    if not isinstance(status, str) or status not in AGENCY_STATUS_NAMES:
         raise ValidationError("状态只能是 pending、approved 或 suspended。", field="status")
     agency = await Agency.get_or_none(id=agency_id)
     if agency is None:
@@ -74,16 +80,12 @@ async def set_agency_status(services: Services, officer: User, agency_id: int, s
     return agency
 
 
-def _check_credentials(username: object, password: object) -> tuple[str, str]:
-    if not isinstance(username, str) or not username.strip() or len(username) > MAX_USERNAME_CHARS:
-        raise ValidationError(f"用户名需为 1 到 {MAX_USERNAME_CHARS} 个字符。", field="username")
-    if not isinstance(password, str) or len(password) < MIN_STAFF_PASSWORD_CHARS:
-        raise ValidationError(f"密码至少需要 {MIN_STAFF_PASSWORD_CHARS} 个字符。", field="password")
-    return username.strip(), password
-
-
 async def _create_staff(username: object, password: object, role: Role, **links) -> User:
-    username, password = _check_credentials(username, password)
+    username = accounts.parse_new_username(username)
+    password = accounts.check_new_password(password, min_chars=MIN_STAFF_PASSWORD_CHARS)
+    # Logins match usernames without case, so one that differs from another only in case is taken.
+    if await accounts.username_taken(username):
+        raise Conflict("该用户名已被使用。", field="username", code="username_taken")
     password_hash = await accounts.hash_password(password)
     try:
         return await User.create(username=username, password_hash=password_hash, roles=[role.value], **links)

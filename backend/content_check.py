@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from backend import clock
+from backend import clock, paging
 from backend.errors import NotFound, ValidationError
 from backend.models import ContentFlag, Rating, ServiceRequest, User
+from backend.paging import Page
 from backend.wechat import WeChatUnavailable
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,6 @@ SCENE_FORUM = 3
 SCENES_BY_FIELD = {"comment": SCENE_COMMENT}
 FLAGGED_VERDICTS = frozenset({"review", "unchecked"})
 VERDICTS = FLAGGED_VERDICTS | {"pass"}
-MAX_LISTED_FLAGS = 100
 # The saved text behind each flag target, as the model whose id is the flag's target_id and the
 # column that contains the text.
 FLAGGED_TEXT_COLUMNS = {
@@ -30,6 +30,9 @@ FLAGGED_TEXT_COLUMNS = {
     "service_request.summary": (ServiceRequest, "summary"),
     "rating.comment": (Rating, "comment"),
 }
+# The two groups of the list, as cursors name them.
+_UNRESOLVED = "unresolved"
+_RESOLVED = "resolved"
 
 
 class ContentRejected(ValidationError):
@@ -87,15 +90,43 @@ async def flag(verdict: str, target: str, target_id: int, user_id: int | None) -
     )
 
 
-async def list_flags(limit: int = MAX_LISTED_FLAGS) -> list[ContentFlag]:
-    """Return up to `limit` flags: unresolved ones first, each group newest first."""
-    # Two queries, because PostgreSQL and SQLite sort NULL resolved_at at opposite ends.
-    unresolved = await ContentFlag.filter(resolved_at__isnull=True).order_by("-created_at", "-id").limit(limit)
-    remaining = limit - len(unresolved)
-    if remaining <= 0:
-        return unresolved
-    resolved = await ContentFlag.filter(resolved_at__isnull=False).order_by("-created_at", "-id").limit(remaining)
-    return unresolved + resolved
+async def list_flags(*, cursor: str | None, limit: int) -> Page[ContentFlag]:
+    """Read a page of flags: every unresolved flag first, then the resolved ones, each group
+    newest first by id.
+
+    The cursor carries the group as well as the id, so a flag resolved while an officer pages
+    does not move the rest of the unresolved group out of reach.
+    """
+    group, before_id = _parse_flag_cursor(cursor)
+    rows: list[ContentFlag] = []
+    if group == _UNRESOLVED:
+        # Two queries, because PostgreSQL and SQLite sort NULL resolved_at at opposite ends.
+        unresolved = ContentFlag.filter(resolved_at__isnull=True)
+        if before_id is not None:
+            unresolved = unresolved.filter(id__lt=before_id)
+        rows = await unresolved.order_by("-id").limit(limit + 1)
+        before_id = None
+    if len(rows) <= limit:
+        resolved = ContentFlag.filter(resolved_at__isnull=False)
+        if before_id is not None:
+            resolved = resolved.filter(id__lt=before_id)
+        rows += await resolved.order_by("-id").limit(limit + 1 - len(rows))
+    return paging.page_of(rows, limit, _flag_cursor)
+
+
+def _flag_cursor(content_flag: ContentFlag) -> str:
+    group = _UNRESOLVED if content_flag.resolved_at is None else _RESOLVED
+    return f"{group}.{content_flag.id}"
+
+
+def _parse_flag_cursor(cursor: str | None) -> tuple[str, int | None]:
+    """Return the group to continue in and the id to continue below. No cursor means the top of the list."""
+    if cursor is None:
+        return _UNRESOLVED, None
+    group, _, raw_id = cursor.partition(".")
+    if group not in (_UNRESOLVED, _RESOLVED):
+        raise paging.invalid_cursor()
+    return group, paging.parse_id(raw_id)
 
 
 async def read_flag(flag_id: int) -> tuple[ContentFlag, str | None]:

@@ -9,7 +9,7 @@ from tortoise.exceptions import IntegrityError
 from tortoise.expressions import F
 from tortoise.transactions import in_transaction
 
-from backend import clock, content_check, credit, dispatch, notifications, outbox
+from backend import clock, content_check, credit, dispatch, notifications, outbox, paging
 from backend.catalog import CATEGORIES_BY_CODE, min_rank
 from backend.context import Services
 from backend.errors import Conflict, Forbidden, NotFound, ValidationError
@@ -33,6 +33,7 @@ from backend.models import (
     Worker,
     WorkerStatus,
 )
+from backend.paging import Page
 from backend.scheduling import check_worker_available, parse_preferred_window
 from backend.workers import parse_languages, worker_of
 
@@ -511,20 +512,21 @@ async def cancel_request(services: Services, user: User, request_id: int) -> Ser
     return request
 
 
-async def open_offers(user: User) -> list[tuple[Offer, ServiceRequest]]:
+async def open_offers(user: User, *, cursor: str | None, limit: int) -> Page[tuple[Offer, ServiceRequest]]:
+    """Read a page of the worker's open offers, newest first."""
     worker = await worker_of(user)
-    offers = (
-        await Offer.filter(
-            worker_id=worker.id,
-            status=OfferStatus.OPEN,
-            expires_at__gt=clock.now(),
-            service_request__status=RequestStatus.OFFERED,
-        )
-        .prefetch_related("service_request__station")
-        .order_by("-id")
-        .limit(50)
+    query = Offer.filter(
+        worker_id=worker.id,
+        status=OfferStatus.OPEN,
+        expires_at__gt=clock.now(),
+        service_request__status=RequestStatus.OFFERED,
     )
-    return [(offer, offer.service_request) for offer in offers]
+    before_id = paging.parse_id_cursor(cursor)
+    if before_id is not None:
+        query = query.filter(id__lt=before_id)
+    offers = await query.prefetch_related("service_request__station").order_by("-id").limit(limit + 1)
+    rows = [(offer, offer.service_request) for offer in offers]
+    return paging.page_of(rows, limit, lambda row: str(row[0].id))
 
 
 def _may_manage_station(user: User, station_id: int | None) -> bool:
@@ -533,19 +535,24 @@ def _may_manage_station(user: User, station_id: int | None) -> bool:
     return Role.STATION_STAFF.value in user.roles and station_id is not None and user.station_id == station_id
 
 
-async def station_queue(user: User, station_id: int) -> list[ServiceRequest]:
+async def station_queue(user: User, station_id: int, *, cursor: str | None, limit: int) -> Page[ServiceRequest]:
+    """Read a page of the station's queue, oldest request first.
+
+    The queue is ordered by id, not by created_at, because an id is unique and so a cursor on it
+    can neither skip nor repeat a request.
+    """
     if not await ServiceStation.exists(id=station_id):
         raise NotFound("找不到该服务站。")
     if not _may_manage_station(user, station_id):
         raise Forbidden("只有本服务站工作人员和民政部门可以查看。")
-    return (
-        await ServiceRequest.filter(
-            station_id=station_id, stage=DispatchStage.STATION_QUEUE, status=RequestStatus.MATCHING
-        )
-        .prefetch_related("station")
-        .order_by("created_at")
-        .limit(200)
+    query = ServiceRequest.filter(
+        station_id=station_id, stage=DispatchStage.STATION_QUEUE, status=RequestStatus.MATCHING
     )
+    after_id = paging.parse_id_cursor(cursor)
+    if after_id is not None:
+        query = query.filter(id__gt=after_id)
+    rows = await query.prefetch_related("station").order_by("id").limit(limit + 1)
+    return paging.page_of(rows, limit, lambda request: str(request.id))
 
 
 async def assign_worker(services: Services, user: User, request_id: int, worker_id: object) -> ServiceRequest:

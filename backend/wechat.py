@@ -104,6 +104,9 @@ class WeChatRateLimited(RateLimited):
     status = 429
     code = "wechat_rate_limited"
     message = "登录请求过于频繁，请稍后再试。"
+    # Sent as Retry-After. errcode 45011 ("api minute-quota reach limit") means a per-minute
+    # call quota is used up, so it has renewed at the latest a minute later.
+    retry_after_s = 60
 
 
 class WeChatLoginBlocked(Forbidden):

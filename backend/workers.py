@@ -17,6 +17,7 @@ from backend.context import Services
 from backend.errors import Conflict, Forbidden, NotFound, ValidationError
 from backend.locations import Location
 from backend.matching import smoothed_rating
+from backend.text import has_hidden_characters
 from backend.models import (
     CERTIFICATE_RANKS,
     Agency,
@@ -38,6 +39,7 @@ from search.base import (
 log = logging.getLogger(__name__)
 
 MIN_SERVICE_RADIUS_M = 500
+MAX_NAME_CHARS = 32
 MAX_CERTIFICATE_NO_CHARS = 64  # the column's length
 # Characters that print as nothing, so a pasted certificate number can carry them unseen: zero
 # width space, zero width non-joiner and joiner, word joiner, and the byte order mark.
@@ -181,6 +183,17 @@ def _parse_categories(raw: object, certificate_level: str) -> list[str]:
     return categories
 
 
+def parse_worker_name(raw: object) -> str:
+    """Trim a worker's name, which residents see, and raise ValidationError unless it is 1 to
+    MAX_NAME_CHARS characters with no invisible or text-reversing ones."""
+    name = raw.strip() if isinstance(raw, str) else ""
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise ValidationError(f"姓名需为 1 到 {MAX_NAME_CHARS} 个字。", field="name")
+    if has_hidden_characters(name):
+        raise ValidationError("姓名中含有不可见的字符或控制字符，请删除后重新输入。", field="name")
+    return name
+
+
 def normalize_certificate_no(raw: str) -> str:
     """Fold full-width characters, case and spaces, and drop zero-width characters, so one
     certificate cannot register twice."""
@@ -204,15 +217,22 @@ async def register_worker(
     user: User,
     *,
     agency_id: int,
-    name: str,
-    certificate_level: str,
+    name: object,
+    certificate_level: object,
     certificate_no: str,
     categories: object,
     location: Location,
     service_radius_m: int,
     languages: object = None,
-) -> Worker:
-    if certificate_level not in CERTIFICATE_RANKS:
+) -> tuple[Worker, bool]:
+    """Register the user as a worker, pending review, and return the worker and whether it is new.
+
+    A user whose profile was rejected registers again with the same call: the new details
+    replace the rejected profile, which keeps its id and ratings and goes back to pending.
+    A pending or verified profile cannot be replaced (409 worker_exists).
+    """
+    name = parse_worker_name(name)
+    if not isinstance(certificate_level, str) or certificate_level not in CERTIFICATE_RANKS:
         raise ValidationError("证书等级只能是 assistant、intermediate 或 senior。", field="certificate_level")
     certificate_no = parse_certificate_no(certificate_no)
     parsed_categories = _parse_categories(categories, certificate_level)
@@ -224,34 +244,61 @@ async def register_worker(
     agency = await Agency.get_or_none(id=agency_id)
     if agency is None:
         raise ValidationError("所选服务机构不存在。", field="agency_id", code="agency_not_found")
-    if await Worker.exists(user_id=user.id):
-        raise Conflict("您已经提交过社工登记。", code="worker_exists")
-    if await Worker.exists(certificate_no=certificate_no):
+    existing = await Worker.get_or_none(user_id=user.id)
+    if existing is not None and existing.status != WorkerStatus.REJECTED:
+        raise Conflict("您已经提交过社工登记，无需重复提交。", code="worker_exists")
+    if await Worker.filter(certificate_no=certificate_no).exclude(user_id=user.id).exists():
         raise Conflict("该证书编号已被登记。", field="certificate_no", code="certificate_no_taken")
 
+    details = {
+        "agency_id": agency.id,
+        "name": name,
+        "certificate_level": certificate_level,
+        "certificate_no": certificate_no,
+        "categories": parsed_categories,
+        "languages": parsed_languages,
+        "lat": location.lat,
+        "lng": location.lng,
+        "district_id": location.district_code,
+        "service_radius_m": service_radius_m,
+    }
     try:
         async with in_transaction():
-            worker = await Worker.create(
-                user=user,
-                agency=agency,
-                name=name,
-                certificate_level=certificate_level,
-                certificate_no=certificate_no,
-                categories=parsed_categories,
-                languages=parsed_languages,
-                lat=location.lat,
-                lng=location.lng,
-                district_id=location.district_code,
-                service_radius_m=service_radius_m,
-            )
-            await accounts.grant_role(user, Role.WORKER)
+            if existing is None:
+                worker = await Worker.create(user=user, **details)
+                await accounts.grant_role(user, Role.WORKER)
+            else:
+                worker = await _resubmit(existing, details)
             await outbox.record_worker_change(worker.id)
     except IntegrityError:
         # A concurrent registration with the same user or certificate number won.
         raise Conflict("该证书编号或账号已被登记。", field="certificate_no", code="certificate_no_taken") from None
 
     await outbox.apply_pending(services, worker_ids=[worker.id])
-    log.info("worker registered worker_id=%s agency_id=%s", worker.id, agency.id)
+    if existing is None:
+        log.info("worker registered worker_id=%s agency_id=%s", worker.id, agency.id)
+    else:
+        log.info("rejected worker registered again worker_id=%s agency_id=%s", worker.id, agency.id)
+    return worker, existing is None
+
+
+async def _resubmit(rejected: Worker, details: dict) -> Worker:
+    """Replace a rejected profile with new details and put it back to pending review."""
+    # Conditional on the status, so a concurrent resubmission or review changes the row only once.
+    replaced = await Worker.filter(id=rejected.id, status=WorkerStatus.REJECTED).update(
+        status=WorkerStatus.PENDING, rejection_reason=None, verified_at=None, on_duty=False, **details
+    )
+    if not replaced:
+        raise Conflict("您的社工登记刚刚已被更新，请刷新后查看审核进度。", code="worker_exists")
+    await rejected.refresh_from_db()
+    return rejected
+
+
+async def own_profile(user: User) -> Worker:
+    """Return the caller's worker profile with its agency, or 404 when the caller has none."""
+    worker = await Worker.get_or_none(user_id=user.id).prefetch_related("agency")
+    if worker is None:
+        raise NotFound("您还没有提交社工登记。", code="not_a_worker")
     return worker
 
 

@@ -1,10 +1,11 @@
-"""Reading JSON bodies into plain values, with field-level errors."""
+"""Reading JSON bodies and query strings into plain values, with field-level errors."""
 
 from __future__ import annotations
 
 from sanic import Request
 from sanic.exceptions import BadRequest
 
+from backend import paging
 from backend.errors import NotFound, ValidationError
 
 MAX_ID = 2**31 - 1  # the database's integer primary keys
@@ -74,3 +75,8 @@ def path_id(raw: str, label: str = "编号") -> int:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 10 or int(raw) > MAX_ID:
         raise NotFound(f"找不到该{label}。")
     return int(raw)
+
+
+def page_query(request: Request) -> dict:
+    """Read the `cursor` and `limit` query values of a list endpoint, as keyword arguments."""
+    return {"cursor": request.args.get("cursor"), "limit": paging.parse_limit(request.args.get("limit"))}

@@ -9,34 +9,37 @@ from sanic.response import json
 from sanic_ext import openapi
 
 from backend import admin, clock
-from backend.models import Role, User
+from backend.models import Role, User, Worker
 from miniprogram_api.auth import authenticated
-from miniprogram_api.bodies import json_body, path_id
+from miniprogram_api.bodies import json_body, page_query, path_id
+from miniprogram_api.views import page_view
 
 bp = Blueprint("admin", url_prefix="/api/v1/admin")
 
 
 @bp.get("/workers")
-@openapi.summary("Workers for certificate review, optionally by status (officers)")
+@openapi.summary("Workers for certificate review, oldest first, optionally by status (officers)")
 @openapi.parameter("status", str, "query")
+@openapi.parameter("cursor", str, "query")
+@openapi.parameter("limit", int, "query")
 @authenticated(Role.OFFICER)
 async def list_workers(request: Request):
-    workers = await admin.list_workers(request.args.get("status"))
-    items = [
-        {
-            "id": w.id,
-            "name": w.name,
-            "agency_id": w.agency_id,
-            "certificate_level": w.certificate_level.value,
-            "certificate_no": w.certificate_no,
-            "categories": w.categories,
-            "status": w.status.value,
-            "rejection_reason": w.rejection_reason,
-            "created_at": clock.to_local_iso(w.created_at),
-        }
-        for w in workers
-    ]
-    return json({"items": items})
+    page = await admin.list_workers(request.args.get("status"), **page_query(request))
+    return json(page_view(page, _review_view))
+
+
+def _review_view(worker: Worker) -> dict:
+    return {
+        "id": worker.id,
+        "name": worker.name,
+        "agency_id": worker.agency_id,
+        "certificate_level": worker.certificate_level.value,
+        "certificate_no": worker.certificate_no,
+        "categories": worker.categories,
+        "status": worker.status.value,
+        "rejection_reason": worker.rejection_reason,
+        "created_at": clock.to_local_iso(worker.created_at),
+    }
 
 
 @bp.post("/workers/<worker_id>/reject")

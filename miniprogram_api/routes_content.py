@@ -9,7 +9,8 @@ from sanic_ext import openapi
 from backend import clock, content_check
 from backend.models import ContentFlag, Role
 from miniprogram_api.auth import authenticated
-from miniprogram_api.bodies import path_id
+from miniprogram_api.bodies import page_query, path_id
+from miniprogram_api.views import page_view
 
 bp = Blueprint("content_flags")
 
@@ -26,11 +27,13 @@ def _flag_view(content_flag: ContentFlag) -> dict:
 
 
 @bp.get("/api/v1/admin/content-flags")
-@openapi.summary("Flagged user text, unresolved first, newest first, at most 100 (officers)")
+@openapi.summary("Flagged user text, unresolved first, newest first (officers)")
+@openapi.parameter("cursor", str, "query")
+@openapi.parameter("limit", int, "query")
 @authenticated(Role.OFFICER)
 async def list_flags(request: Request):
-    flags = await content_check.list_flags()
-    return json({"items": [_flag_view(content_flag) for content_flag in flags]})
+    page = await content_check.list_flags(**page_query(request))
+    return json(page_view(page, _flag_view))
 
 
 @bp.get("/api/v1/admin/content-flags/<flag_id>")

@@ -18,8 +18,6 @@ from miniprogram_api.views import user_view
 bp = Blueprint("public")
 
 MAX_CODE_CHARS = 128
-MAX_USERNAME_CHARS = 64
-MAX_PASSWORD_CHARS = 256
 
 
 async def _limit_logins(request: Request) -> None:
@@ -91,9 +89,9 @@ async def password_login(request: Request):
     body = json_body(request)
     username = required(body, "username", str, "用户名")
     password = required(body, "password", str, "密码")
-    if len(username) > MAX_USERNAME_CHARS or len(password) > MAX_PASSWORD_CHARS:
-        raise accounts.InvalidCredentials(field="password")
-    token, user = await accounts.login_with_password(request.app.ctx.services, username, password)
+    token, user = await accounts.login_with_password(
+        request.app.ctx.services, username, password, client_network=rate_limit.client_network(request)
+    )
     return json({"token": token, "user": user_view(user)})
 
 

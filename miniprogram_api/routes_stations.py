@@ -8,20 +8,24 @@ from sanic_ext import openapi
 
 from backend import service_requests
 from miniprogram_api.auth import authenticated
-from miniprogram_api.bodies import json_body, path_id
+from miniprogram_api.bodies import json_body, page_query, path_id
 from miniprogram_api.schemas import AssignBody
-from miniprogram_api.views import request_view
+from miniprogram_api.views import page_view, request_view
 
 bp = Blueprint("stations")
 
 
 @bp.get("/api/v1/stations/<station_id>/queue")
-@openapi.summary("Requests waiting at a station for manual assignment (station staff, officers)")
+@openapi.summary("Requests waiting at a station for manual assignment, oldest first (station staff, officers)")
+@openapi.parameter("cursor", str, "query")
+@openapi.parameter("limit", int, "query")
 @authenticated()
 async def queue(request: Request, station_id: str):
-    waiting = await service_requests.station_queue(request.ctx.user, path_id(station_id, "服务站"))
+    waiting = await service_requests.station_queue(
+        request.ctx.user, path_id(station_id, "服务站"), **page_query(request)
+    )
     radii = request.app.ctx.services.settings.search_radii_m
-    return json({"items": [request_view(item, "station", radii_m=radii) for item in waiting]})
+    return json(page_view(waiting, lambda item: request_view(item, "station", radii_m=radii)))
 
 
 @bp.post("/api/v1/admin/service-requests/<request_id>/assign")

@@ -11,18 +11,17 @@ from backend.errors import ValidationError
 from backend.locations import parse_location
 from backend.models import Role
 from miniprogram_api.auth import authenticated
-from miniprogram_api.bodies import MAX_ID, json_body, path_id, required
+from miniprogram_api.bodies import MAX_ID, json_body, page_query, path_id, required
 from miniprogram_api.schemas import DutyBody, WorkerRegistrationBody
-from miniprogram_api.views import offer_view
+from miniprogram_api.views import offer_view, page_view, worker_profile_view
 
 bp = Blueprint("workers")
 
-MAX_NAME_CHARS = 32
 MAX_CERTIFICATE_NO_CHARS = 64
 
 
 @bp.post("/api/v1/workers/me")
-@openapi.summary("Register the logged-in user as a social worker (pending verification)")
+@openapi.summary("Register as a social worker (pending verification), or register again after a rejection")
 @openapi.body({"application/json": WorkerRegistrationBody})
 @authenticated()
 async def register_worker(request: Request):
@@ -30,9 +29,7 @@ async def register_worker(request: Request):
     agency_id = required(body, "agency_id", int, "服务机构")
     if not 1 <= agency_id <= MAX_ID:
         raise ValidationError("所选服务机构不存在。", field="agency_id", code="agency_not_found")
-    name = required(body, "name", str, "姓名").strip()
-    if not name or len(name) > MAX_NAME_CHARS:
-        raise ValidationError(f"姓名需为 1 到 {MAX_NAME_CHARS} 个字。", field="name")
+    name = required(body, "name", str, "姓名")
     certificate_level = required(body, "certificate_level", str, "证书等级")
     certificate_no = required(body, "certificate_no", str, "证书编号").strip()
     if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:
@@ -40,7 +37,7 @@ async def register_worker(request: Request):
     service_radius_m = required(body, "service_radius_m", int, "服务半径")
     location = parse_location(body.get("location"))
 
-    worker = await workers.register_worker(
+    worker, created = await workers.register_worker(
         request.app.ctx.services,
         request.ctx.user,
         agency_id=agency_id,
@@ -52,7 +49,15 @@ async def register_worker(request: Request):
         service_radius_m=service_radius_m,
         languages=body.get("languages"),
     )
-    return json({"id": worker.id, "status": worker.status.value}, status=201)
+    return json({"id": worker.id, "status": worker.status.value}, status=201 if created else 200)
+
+
+@bp.get("/api/v1/workers/me")
+@openapi.summary("The logged-in user's own worker profile: review status, rejection reason, agency, duty")
+@authenticated()
+async def read_own_profile(request: Request):
+    worker = await workers.own_profile(request.ctx.user)
+    return json(worker_profile_view(worker))
 
 
 @bp.put("/api/v1/workers/me/duty")
@@ -68,11 +73,13 @@ async def set_duty(request: Request):
 
 
 @bp.get("/api/v1/workers/me/offers")
-@openapi.summary("Open offers for the logged-in worker: category, street and distance only")
+@openapi.summary("Open offers for the logged-in worker, newest first: category, street and distance only")
+@openapi.parameter("cursor", str, "query")
+@openapi.parameter("limit", int, "query")
 @authenticated(Role.WORKER)
 async def list_offers(request: Request):
-    offers = await service_requests.open_offers(request.ctx.user)
-    return json({"items": [offer_view(offer, service_request) for offer, service_request in offers]})
+    offers = await service_requests.open_offers(request.ctx.user, **page_query(request))
+    return json(page_view(offers, lambda row: offer_view(*row)))
 
 
 @bp.post("/api/v1/admin/workers/<worker_id>/verify")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from backend import clock
 from backend.catalog import CATEGORIES_BY_CODE
 from backend.matching import smoothed_rating
 from backend.models import DispatchEvent, DispatchStage, Offer, RequestStatus, ServiceRequest, User, Worker
+from backend.paging import Page
+
+
+def page_view(page: Page, render: Callable[..., dict]) -> dict:
+    """Render a page of a list endpoint. A client passes `next_cursor` back as `cursor` for the next page."""
+    return {"items": [render(item) for item in page.items], "next_cursor": page.next_cursor}
 
 
 def user_view(user: User) -> dict:
@@ -140,6 +148,30 @@ def request_view(request: ServiceRequest, relation: str, *, worker: Worker | Non
             {"kind": event.kind, "ring": event.ring, "at": clock.to_local_iso(event.at)} for event in events
         ]
     return view
+
+
+def worker_profile_view(worker: Worker) -> dict:
+    """Render a worker's own profile, for that worker only: it has the certificate number and location."""
+    agency = worker.agency
+    return {
+        "id": worker.id,
+        "status": worker.status.value,
+        "rejection_reason": worker.rejection_reason,
+        "name": worker.name,
+        "certificate_level": worker.certificate_level.value,
+        "certificate_no": worker.certificate_no,
+        "categories": list(worker.categories),
+        "languages": list(worker.languages),
+        "agency": {"id": agency.id, "name": agency.name, "status": agency.status.value},
+        "on_duty": worker.on_duty,
+        "service_radius_m": worker.service_radius_m,
+        "district_code": worker.district_id,
+        "location": {"lat": worker.lat, "lng": worker.lng, "coord_system": "gcj02"},
+        "rating": round(smoothed_rating(worker.rating_sum, worker.rating_count), 2),
+        "rating_count": worker.rating_count,
+        "verified_at": clock.to_local_iso(worker.verified_at),
+        "created_at": clock.to_local_iso(worker.created_at),
+    }
 
 
 def offer_view(offer: Offer, request: ServiceRequest) -> dict:

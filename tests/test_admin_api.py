@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backend.models import ServiceStation, Worker, WorkerStatus
+from backend import accounts, workers
+from backend.errors import ValidationError
+from backend.locations import parse_location
+from backend.models import Agency, AgencyStatus, Role, ServiceStation, User, Worker, WorkerStatus
 from tests.factories import (
     SIMING,
     login_resident,
@@ -70,6 +73,43 @@ async def test_suspending_agency_stops_matching(services, client):
     assert "暂停" in credit.json["history"][0]["reason"]
 
 
+@pytest.mark.parametrize("status", [["approved"], [], {}, [1], {"approved": True}])
+async def test_agency_status_not_string_rejected(services, client, status):
+    agencies = await make_city()
+    agency = agencies["pending"]
+
+    _, response = await client.put(
+        f"/api/v1/admin/agencies/{agency.id}/status", json={"status": status}, headers=await officer_headers(services)
+    )
+
+    assert response.status == 400
+    assert response.json["error"]["code"] == "invalid_input"
+    assert response.json["error"]["field"] == "status"
+    assert (await Agency.get(id=agency.id)).status == AgencyStatus.PENDING
+
+
+@pytest.mark.parametrize("certificate_level", [["senior"], {"senior": 1}])
+async def test_certificate_level_not_string_rejected(services, certificate_level):
+    agencies = await make_city()
+    user = await User.create(openid="level-not-string", roles=[Role.RESIDENT.value])
+
+    with pytest.raises(ValidationError) as caught:
+        await workers.register_worker(
+            services,
+            user,
+            agency_id=agencies["approved"].id,
+            name="林晓",
+            certificate_level=certificate_level,
+            certificate_no="XM2024000777",
+            categories=["elderly_care"],
+            location=parse_location({"lat": SIMING[0], "lng": SIMING[1]}),
+            service_radius_m=3000,
+        )
+
+    assert caught.value.field == "certificate_level"
+    assert not await Worker.exists(user_id=user.id)
+
+
 async def test_manager_account_reads_own_agency(services, client):
     agencies = await make_city()
     officer = await officer_headers(services)
@@ -128,6 +168,60 @@ async def test_manager_bad_credentials(services, client, body):
     _, response = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
                                     headers=await officer_headers(services))
     assert response.status == 400
+
+
+async def test_manager_password_over_login_limit_rejected(services, client):
+    agencies = await make_city()
+    body = {"username": "manager-long", "password": "p" * (accounts.MAX_PASSWORD_CHARS + 1)}
+
+    _, response = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                    headers=await officer_headers(services))
+
+    assert response.status == 400
+    assert response.json["error"]["field"] == "password"
+    assert not await User.exists(username="manager-long")
+
+
+async def test_manager_longest_password_logs_in(services, client):
+    agencies = await make_city()
+    body = {"username": "manager-longest", "password": "p" * accounts.MAX_PASSWORD_CHARS}
+
+    _, created = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                   headers=await officer_headers(services))
+    _, login = await client.post("/api/v1/auth/password-login", json=body)
+
+    assert created.status == 201, created.json
+    assert login.status == 200, login.json
+
+
+@pytest.mark.parametrize("username", ["manager\u200b", "man\u202eager", "manager\u00ad", "manager\tone"])
+async def test_username_with_hidden_characters_rejected(services, client, username):
+    agencies = await make_city()
+    body = {"username": username, "password": "manager-password-1"}
+
+    _, response = await client.post(f"/api/v1/admin/agencies/{agencies['approved'].id}/managers", json=body,
+                                    headers=await officer_headers(services))
+
+    assert response.status == 400
+    assert response.json["error"]["field"] == "username"
+    assert not await User.filter(agency_id=agencies["approved"].id).exists()
+
+
+@pytest.mark.parametrize("taken_as", ["Manager-XM", "MANAGER-xm", "ｍａｎａｇｅｒ-ｘｍ"])
+async def test_username_differing_only_by_case_taken(services, client, taken_as):
+    agencies = await make_city()
+    officer = await officer_headers(services)
+    path = f"/api/v1/admin/agencies/{agencies['approved'].id}/managers"
+    _, first = await client.post(path, json={"username": "manager-xm", "password": "manager-password-1"},
+                                 headers=officer)
+
+    _, second = await client.post(path, json={"username": taken_as, "password": "manager-password-2"},
+                                  headers=officer)
+
+    assert first.status == 201, first.json
+    assert second.status == 409
+    assert second.json["error"]["code"] == "username_taken"
+    assert await User.filter(agency_id=agencies["approved"].id).count() == 1
 
 
 async def test_officer_cannot_create_request(services, client):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend import accounts
+from backend.models import User
 from tests.conftest import fresh_code
 from tests.factories import login_resident, make_city, officer_headers
 
@@ -38,6 +39,14 @@ async def test_wechat_login_errors(client, code, status, error_code):
     assert response.status == status
     assert response.json["error"]["code"] == error_code
     assert response.json["error"]["message"]
+
+
+async def test_wechat_quota_sends_retry_after(client):
+    _, response = await client.post("/api/v1/auth/wechat-login", json={"code": fresh_code("ratelimit-2")})
+
+    assert response.status == 429
+    assert response.json["error"]["code"] == "wechat_rate_limited"
+    assert response.headers["retry-after"] == "60"
 
 
 async def test_wechat_login_code_used_elsewhere(services, client):
@@ -78,6 +87,14 @@ async def test_logout_revokes_token(client):
 @pytest.mark.parametrize("header", ["", "Bearer", "Bearer nonsense", "Basic abc", "bearer  "])
 async def test_bad_token_rejected(client, header):
     _, response = await client.get("/api/v1/me", headers={"Authorization": header})
+    assert response.status == 401
+    assert response.json["error"]["code"] == "unauthorized"
+
+
+# Sanic decodes header bytes that are no UTF-8 with surrogateescape, so they arrive as lone surrogates.
+@pytest.mark.parametrize("token", [b"\xe9t\xe9", b"abc\xff" * 8], ids=["latin-1", "invalid-utf-8"])
+async def test_malformed_token_unauthorized(client, token):
+    _, response = await client.get("/api/v1/me", headers={"Authorization": b"Bearer " + token})
     assert response.status == 401
     assert response.json["error"]["code"] == "unauthorized"
 
@@ -125,6 +142,79 @@ async def test_password_login_rejected(services, client, username, password):
     _, response = await client.post("/api/v1/auth/password-login", json={"username": username, "password": password})
     assert response.status == 401
     assert response.json["error"]["code"] == "invalid_credentials"
+
+
+@pytest.mark.parametrize(
+    "typed",
+    ["officer-zhang", "  officer-zhang  ", "Officer-Zhang", "OFFICER-ZHANG", "ｏｆｆｉｃｅｒ－ｚｈａｎｇ"],
+    ids=["exact", "spaces", "capitalised", "upper-case", "full-width"],
+)
+async def test_username_normalised_at_login(services, client, typed):
+    await accounts.ensure_officer("officer-zhang", "a-long-password-1")
+
+    _, response = await client.post(
+        "/api/v1/auth/password-login", json={"username": typed, "password": "a-long-password-1"}
+    )
+
+    assert response.status == 200, response.json
+
+
+async def test_stored_case_ignored_at_login(services, client):
+    await accounts.ensure_officer("  Officer-Wang ", "a-long-password-3")
+
+    _, response = await client.post(
+        "/api/v1/auth/password-login", json={"username": "officer-wang", "password": "a-long-password-3"}
+    )
+
+    assert response.status == 200, response.json
+    assert await User.filter(username="Officer-Wang").count() == 1
+
+
+async def test_ensure_officer_finds_any_case(services):
+    first = await accounts.ensure_officer("officer-chen", "a-long-password-4")
+
+    again = await accounts.ensure_officer("Officer-Chen", "a-long-password-5")
+
+    assert again.id == first.id
+    assert await User.filter(username__isnull=False).count() == 1
+
+
+async def test_case_insensitive_login_needs_one_match(services, client):
+    # Two accounts that differ only in case can exist from before usernames ignored case.
+    password_hash = await accounts.hash_password("a-long-password-2")
+    lower = await User.create(username="staff-dup", password_hash=password_hash, roles=["station_staff"])
+    await User.create(username="Staff-Dup", password_hash=password_hash, roles=["station_staff"])
+    solo = await User.create(username="Staff-Solo", password_hash=password_hash, roles=["station_staff"])
+
+    _, exact = await client.post(
+        "/api/v1/auth/password-login", json={"username": "staff-dup", "password": "a-long-password-2"}
+    )
+    _, ambiguous = await client.post(
+        "/api/v1/auth/password-login", json={"username": "STAFF-DUP", "password": "a-long-password-2"}
+    )
+    _, unique = await client.post(
+        "/api/v1/auth/password-login", json={"username": "staff-solo", "password": "a-long-password-2"}
+    )
+
+    assert exact.status == 200
+    assert exact.json["user"]["id"] == lower.id
+    assert ambiguous.status == 401
+    assert ambiguous.json["error"]["code"] == "invalid_credentials"
+    assert unique.status == 200
+    assert unique.json["user"]["id"] == solo.id
+
+
+async def test_case_variants_share_guess_limit(services, client):
+    await accounts.ensure_officer("officer-case", "a-long-password-6")
+    for attempt in range(accounts.PASSWORD_FAILURES_PER_NETWORK):
+        typed = "officer-case" if attempt % 2 else "OFFICER-CASE"
+        await client.post("/api/v1/auth/password-login", json={"username": typed, "password": f"wrong-{attempt}"})
+
+    _, locked = await client.post(
+        "/api/v1/auth/password-login", json={"username": "Officer-Case", "password": "wrong-again"}
+    )
+
+    assert locked.status == 429
 
 
 async def test_password_is_hashed(services):
@@ -180,26 +270,72 @@ async def test_unknown_route_gets_envelope(client):
     assert response.json["error"]["code"] == "not_found"
 
 
-async def test_password_guessing_limited_per_username(services, client):
+ATTACKER_ADDRESS = "203.0.113.7"
+OWNER_ADDRESS = "198.51.100.20"
+
+
+def _behind_proxy(app):
+    """The app's test client, with X-Forwarded-For trusted so each request can name its address."""
+    app.config.PROXIES_COUNT = 1
+    return app.asgi_client
+
+
+async def _password_login(client, username: str, password: str, address: str):
+    _, response = await client.post(
+        "/api/v1/auth/password-login",
+        json={"username": username, "password": password},
+        headers={"X-Forwarded-For": address},
+    )
+    return response
+
+
+async def test_password_guessing_locks_guessing_network(services, app):
     await accounts.ensure_officer("officer-guess", "a-long-password-9")
+    client = _behind_proxy(app)
     statuses = []
-    for attempt in range(accounts.PASSWORD_ATTEMPTS_PER_USERNAME + 1):
-        _, response = await client.post(
-            "/api/v1/auth/password-login", json={"username": "officer-guess", "password": f"wrong-{attempt}"}
-        )
+    for attempt in range(accounts.PASSWORD_FAILURES_PER_NETWORK + 1):
+        response = await _password_login(client, "officer-guess", f"wrong-{attempt}", ATTACKER_ADDRESS)
         statuses.append(response.status)
-    assert statuses[:-1] == [401] * accounts.PASSWORD_ATTEMPTS_PER_USERNAME
+
+    right = await _password_login(client, "officer-guess", "a-long-password-9", ATTACKER_ADDRESS)
+
+    assert statuses[:-1] == [401] * accounts.PASSWORD_FAILURES_PER_NETWORK
     assert statuses[-1] == 429
     assert int(response.headers["retry-after"]) > 0
-    _, right = await client.post(
-        "/api/v1/auth/password-login", json={"username": "officer-guess", "password": "a-long-password-9"}
-    )
     assert right.status == 429
+
+
+async def test_guessing_elsewhere_leaves_owner_login(services, app):
+    await accounts.ensure_officer("officer-owner", "a-long-password-7")
+    client = _behind_proxy(app)
+    for attempt in range(accounts.PASSWORD_FAILURES_PER_NETWORK + 5):
+        await _password_login(client, "officer-owner", f"wrong-{attempt}", ATTACKER_ADDRESS)
+    locked = await _password_login(client, "officer-owner", "wrong-again", ATTACKER_ADDRESS)
+
+    owner = await _password_login(client, "officer-owner", "a-long-password-7", OWNER_ADDRESS)
+
+    assert locked.status == 429
+    assert owner.status == 200, owner.json
+    assert owner.json["user"]["roles"] == ["officer"]
+
+
+async def test_guessing_from_many_networks_limited(services, app, monkeypatch):
+    # The real limit is 100 failures, each costing an argon2 hash, so the test shows the rule with 4.
+    monkeypatch.setattr(accounts, "PASSWORD_FAILURES_PER_USERNAME", 4)
+    await accounts.ensure_officer("officer-spread", "a-long-password-6")
+    client = _behind_proxy(app)
+    statuses = []
+    for attempt in range(5):
+        response = await _password_login(client, "officer-spread", f"wrong-{attempt}", f"203.0.113.{attempt + 1}")
+        statuses.append(response.status)
+
+    assert statuses == [401, 401, 401, 401, 429]
+    assert int(response.headers["retry-after"]) > 0
 
 
 async def test_successful_logins_never_lock_out(services, client):
     await accounts.ensure_officer("officer-busy", "a-long-password-8")
-    for _ in range(accounts.PASSWORD_ATTEMPTS_PER_USERNAME + 2):
+    for _ in range(accounts.PASSWORD_FAILURES_PER_NETWORK + 2):
         _, response = await client.post(
             "/api/v1/auth/password-login", json={"username": "officer-busy", "password": "a-long-password-8"}
         )

@@ -273,7 +273,7 @@ async def test_flags_listed_unresolved_first(services, content_client) -> None:
     assert items[2]["resolved_at"] == "2025-03-08T13:30:00+08:00"
 
 
-async def test_flags_list_capped_at_100(services, content_client) -> None:
+async def test_flags_paged_past_first_page(services, content_client) -> None:
     await ContentFlag.bulk_create(
         [
             ContentFlag(target="rating.comment", target_id=index, verdict="unchecked", created_at=START)
@@ -282,10 +282,54 @@ async def test_flags_list_capped_at_100(services, content_client) -> None:
     )
     headers = await officer_headers(services)
 
-    _, response = await content_client.get("/api/v1/admin/content-flags", headers=headers)
+    pages = []
+    cursor = None
+    while True:
+        query = "?limit=40" + (f"&cursor={cursor}" if cursor else "")
+        _, response = await content_client.get(f"/api/v1/admin/content-flags{query}", headers=headers)
+        assert response.status == 200, response.json
+        pages.append([item["id"] for item in response.json["items"]])
+        cursor = response.json["next_cursor"]
+        if cursor is None:
+            break
 
-    assert response.status == 200
-    assert len(response.json["items"]) == 100
+    all_ids = sorted(await ContentFlag.all().values_list("id", flat=True), reverse=True)
+    assert [len(page) for page in pages] == [40, 40, 25]
+    assert [flag_id for page in pages for flag_id in page] == all_ids
+
+
+async def test_flags_default_page_size(services, content_client) -> None:
+    await ContentFlag.bulk_create(
+        [
+            ContentFlag(target="rating.comment", target_id=index, verdict="unchecked", created_at=START)
+            for index in range(55)
+        ]
+    )
+
+    _, response = await content_client.get("/api/v1/admin/content-flags", headers=await officer_headers(services))
+
+    assert len(response.json["items"]) == 50
+    assert response.json["next_cursor"] is not None
+
+
+async def test_flags_page_survives_resolving(services, content_client) -> None:
+    flags = [await _make_flag(index, START) for index in range(5)]
+    done = await _make_flag(99, START, resolved_at=START)
+    headers = await officer_headers(services)
+
+    _, first = await content_client.get("/api/v1/admin/content-flags?limit=2", headers=headers)
+    # The officer resolves both flags of the first page before asking for the next one.
+    for item in first.json["items"]:
+        await content_client.post(f"/api/v1/admin/content-flags/{item['id']}/resolve", headers=headers)
+    _, second = await content_client.get(
+        f"/api/v1/admin/content-flags?limit=10&cursor={first.json['next_cursor']}", headers=headers
+    )
+
+    assert [item["id"] for item in first.json["items"]] == [flags[4].id, flags[3].id]
+    assert [item["id"] for item in second.json["items"]] == [
+        flags[2].id, flags[1].id, flags[0].id, done.id, flags[4].id, flags[3].id,
+    ]
+    assert second.json["next_cursor"] is None
 
 
 async def test_flags_forbidden_for_resident(services, content_client) -> None:
