@@ -54,6 +54,7 @@ DEDUPE_KEY_MAX_CHARS = 96  # Notification.dedupe_key's column length
 THING_MAX_CHARS = 20  # WeChat's limit for a thing value
 DEFAULT_CATEGORY_NAME = "社会工作服务"
 METRES_PER_KM = 1000
+SHOWN_STEP_M = 100  # distances below 1 km are shown to the nearest 100 m
 
 
 @dataclass(frozen=True)
@@ -317,8 +318,10 @@ def _is_distance(value: object) -> bool:
 
 
 def _format_distance(metres: float) -> str:
+    # Rounded like the offer list in the API (to 100 m), so the message tells an offered worker
+    # no more about where the resident is than the list does.
     if metres < METRES_PER_KM:
-        return f"约{round(metres)}米"
+        return f"约{max(SHOWN_STEP_M, round(metres / SHOWN_STEP_M) * SHOWN_STEP_M)}米"
     return f"约{metres / METRES_PER_KM:.1f}公里"
 
 

@@ -404,10 +404,13 @@ def test_assigned_offer_message() -> None:
     assert data["thing1"] == {"value": "就医陪诊"}
 
 
-def test_short_distance_in_metres() -> None:
-    data = notifications.build_message_data("offer_new", {"category": "elderly_care", "distance_m": 800}, START)
+@pytest.mark.parametrize(("distance_m", "shown"), [(800, "约800米"), (837, "约800米"), (851, "约900米"), (20, "约100米")])
+def test_short_distance_rounded_to_100_m(distance_m: int, shown: str) -> None:
+    data = notifications.build_message_data(
+        "offer_new", {"category": "elderly_care", "distance_m": distance_m}, START
+    )
 
-    assert data["thing4"] == {"value": "距您约800米，请尽快回应"}
+    assert data["thing4"] == {"value": f"距您{shown}，请尽快回应"}
 
 
 def test_unknown_category_generic_name() -> None:
