@@ -137,12 +137,14 @@ async def create_request(
     return request, candidates
 
 
-async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest, str]:
-    """Load a request with the caller's relation to it.
+async def load_request_for(user: User, request_id: int, *, worker: Worker | None = None) -> tuple[ServiceRequest, str]:
+    """Load a request, with its station, and the caller's relation to it.
 
     Relations: resident, assigned (worker), offered (worker with an open or past offer),
     station (staff of the request's station, once the request has reached that station's
     queue), officer. Anyone else gets 404, so request ids reveal nothing about other residents.
+    A caller that has already read the user's worker profile passes it as `worker`, which saves
+    reading it again.
     """
     request = await ServiceRequest.get_or_none(id=request_id).prefetch_related("station", "worker")
     if request is None:
@@ -151,7 +153,9 @@ async def load_request_for(user: User, request_id: int) -> tuple[ServiceRequest,
         return request, "resident"
     if Role.OFFICER.value in user.roles:
         return request, "officer"
-    worker_relation = await _worker_relation(await Worker.get_or_none(user_id=user.id), request)
+    if worker is None:
+        worker = await Worker.get_or_none(user_id=user.id)
+    worker_relation = await _worker_relation(worker, request)
     if worker_relation is not None:
         return request, worker_relation
     if _reached_station_queue_of(user, request):
@@ -177,8 +181,11 @@ async def _load_for_worker(user: User, request_id: int) -> tuple[Worker, Service
     on their own jobs as that worker and not as an officer.
     """
     worker = await worker_of(user)
-    request, _ = await load_request_for(user, request_id)
-    return worker, request, await _worker_relation(worker, request)
+    request, relation = await load_request_for(user, request_id, worker=worker)
+    if relation not in ("assigned", "offered"):
+        # Decided by another role first (the request's resident, an officer): ask as a worker.
+        relation = await _worker_relation(worker, request)
+    return worker, request, relation
 
 
 def _reached_station_queue_of(user: User, request: ServiceRequest) -> bool:
@@ -254,7 +261,11 @@ async def accept_request(services: Services, user: User, request_id: int) -> Ser
             raise Conflict("该需求已被居民取消。", code="request_cancelled")
         raise AlreadyTaken()
 
-    await request.refresh_from_db()
+    # The UPDATE above set exactly these, so there is nothing to read back.
+    request.status = RequestStatus.ACCEPTED
+    request.worker_id = worker.id
+    request.accepted_at = now
+    request.updated_at = now
     log.info("request accepted request_id=%s worker_id=%s", request.id, worker.id)
     return request
 

@@ -89,7 +89,6 @@ async def accept(request: Request, request_id: str):
     accepted = await service_requests.accept_request(
         request.app.ctx.services, request.ctx.user, path_id(request_id, "服务需求")
     )
-    await accepted.fetch_related("station")
     return json(await _render(accepted, "assigned", request.app.ctx.services.settings.search_radii_m))
 
 
@@ -105,7 +104,6 @@ async def start(request: Request, request_id: str):
         path_id(request_id, "服务需求"),
         location=parse_location(body.get("location")),
     )
-    await started.fetch_related("station")
     return json(await _render(started, "assigned", request.app.ctx.services.settings.search_radii_m))
 
 
@@ -124,7 +122,6 @@ async def complete(request: Request, request_id: str):
         summary=body.get("summary"),
         location=parse_location(body.get("location")),
     )
-    await completed.fetch_related("station")
     return json(await _render(completed, "assigned", request.app.ctx.services.settings.search_radii_m))
 
 
@@ -155,7 +152,6 @@ async def cancel(request: Request, request_id: str):
     cancelled = await service_requests.cancel_request(
         request.app.ctx.services, request.ctx.user, path_id(request_id, "服务需求")
     )
-    await cancelled.fetch_related("station")
     return json(await _render(cancelled, "resident", request.app.ctx.services.settings.search_radii_m))
 
 
