@@ -33,7 +33,9 @@ def parse_limit(raw: str | None) -> int:
     """Parse the `limit` query value: DEFAULT_PAGE_SIZE when absent, else 1 to MAX_PAGE_SIZE."""
     if raw is None:
         return DEFAULT_PAGE_SIZE
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+    # The length check comes first: int() of more than 4,300 digits raises ValueError.
+    too_long = len(raw) > len(str(MAX_PAGE_SIZE))
+    if too_long or not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
         raise ValidationError(f"每页条数需为 1 到 {MAX_PAGE_SIZE} 之间的整数。", field="limit")
     return int(raw)
 

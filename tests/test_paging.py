@@ -152,7 +152,7 @@ async def test_open_offers_reachable_past_first_page(services, client):
     assert [request_id for page in pages for request_id in page] == request_ids[::-1]
 
 
-@pytest.mark.parametrize("limit", ["0", "201", "-1", "ten", "１０", "1.5"])
+@pytest.mark.parametrize("limit", ["0", "201", "-1", "ten", "１０", "1.5", "9" * 4301, "0" * 4300 + "5"])
 async def test_bad_limit_rejected(services, client, limit):
     _, response = await client.get(f"/api/v1/admin/workers?limit={limit}", headers=await officer_headers(services))
 
