@@ -322,6 +322,26 @@ async def _two_offers(services, client):
     return created["id"], resident, await worker_headers(services, first), await worker_headers(services, second)
 
 
+async def test_decline_after_assignment_conflicts(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    headers = await worker_headers(services, worker)
+    _, first_decline = await client.post(f"{BASE}/{created['id']}/decline", headers=headers)
+    _, assigned = await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": worker.id},
+        headers=await officer_headers(services),
+    )
+
+    _, response = await client.post(f"{BASE}/{created['id']}/decline", headers=headers)
+
+    assert first_decline.status == 200
+    assert assigned.status == 200, assigned.json
+    assert response.status == 409
+    assert response.json["error"]["code"] == "already_accepted"
+
+
 async def test_decline_after_other_accepted_conflicts(services, client):
     request_id, _, first, second = await _two_offers(services, client)
     await client.post(f"{BASE}/{request_id}/accept", headers=first)
