@@ -344,11 +344,7 @@ async def withdraw_request(services: Services, user: User, request_id: int) -> S
 
 
 async def _was_withdrawn_from(request_id: int, worker_id: int) -> bool:
-    """Tell whether the worker gave the request back or dispatch took it from them.
-
-    NOTE: a worker assigned directly by a station has no offer, so after giving that job back
-    they are a stranger to the request and a repeated withdraw gets 404, not 409.
-    """
+    """Tell whether the worker gave the request back or dispatch took it from them."""
     return await Offer.exists(service_request_id=request_id, worker_id=worker_id, status=OfferStatus.WITHDRAWN)
 
 
@@ -614,6 +610,17 @@ async def assign_worker(services: Services, user: User, request_id: int, worker_
         )
         if moved:
             await Offer.filter(service_request_id=request.id, status=OfferStatus.OPEN).update(status=OfferStatus.CLOSED)
+            # An accepted offer records the assignment like an accept, so a withdrawal marks it
+            # withdrawn: the worker is left out of the next search and a repeated withdraw is 409.
+            distance_m = round(haversine_m(worker.lat, worker.lng, request.lat, request.lng))
+            assignment = Offer(
+                service_request_id=request.id, worker_id=worker.id, status=OfferStatus.ACCEPTED,
+                ring=request.search_ring, distance_m=distance_m, score=0.0, created_at=now, expires_at=now,
+            )
+            await Offer.bulk_create(
+                [assignment], on_conflict=["service_request_id", "worker_id"],
+                update_fields=["status", "created_at", "expires_at"],
+            )
             await DispatchEvent.create(service_request_id=request.id, kind="assigned", worker_id=worker.id, at=now)
             await notifications.enqueue(
                 worker.user_id,

@@ -410,6 +410,26 @@ async def test_withdraw_twice_conflicts(services, client):
     assert again.json["error"]["code"] == "already_withdrawn"
 
 
+async def test_directly_assigned_worker_withdraws_once(services, client):
+    agencies = await make_city()
+    await make_worker(services, agencies["approved"], north_of(SIMING, 1000))
+    stranger = await make_worker(services, agencies["approved"], north_of(SIMING, 30_000))
+    resident, _ = await login_resident(client)
+    created = await _create(client, resident)
+    await client.post(
+        f"/api/v1/admin/service-requests/{created['id']}/assign", json={"worker_id": stranger.id},
+        headers=await officer_headers(services),
+    )
+    headers = await worker_headers(services, stranger)
+
+    _, once = await client.post(f"{BASE}/{created['id']}/withdraw", headers=headers)
+    _, again = await client.post(f"{BASE}/{created['id']}/withdraw", headers=headers)
+
+    assert once.status == 200, once.json
+    assert again.status == 409
+    assert again.json["error"]["code"] == "already_withdrawn"
+
+
 async def test_concurrent_withdraws_one_succeeds(services, client):
     request_id, _, first, _ = await _two_offers(services, client)
     await client.post(f"{BASE}/{request_id}/accept", headers=first)
