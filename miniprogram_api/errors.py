@@ -29,7 +29,7 @@ _SANIC_ERRORS = {
     404: ("not_found", "找不到该页面或内容。"),
     405: ("method_not_allowed", "不支持该请求方式。"),
     408: ("request_timeout", "请求超时，请检查网络后重试。"),
-    413: ("payload_too_large", "提交的内容过大。"),
+    413: ("payload_too_large", "提交的内容过大，请精简后重试。"),
     503: ("service_unavailable", "服务暂时不可用，请稍后再试。"),
 }
 

@@ -74,7 +74,7 @@ async def list_agencies(request: Request):
 async def wechat_login(request: Request):
     await _limit_logins(request)
     body = json_body(request)
-    code = required(body, "code", str, "登录凭证 code")
+    code = required(body, "code", str, "登录凭证（code）")
     if not code or len(code) > MAX_CODE_CHARS:
         raise ValidationError("登录凭证 code 格式不正确。", field="code")
     token, user = await accounts.login_with_wechat(request.app.ctx.services, code)
