@@ -44,12 +44,12 @@ MAX_CERTIFICATE_NO_CHARS = 64  # the column's length
 # Characters that print as nothing, so a pasted certificate number can carry them unseen: zero
 # width space, zero width non-joiner and joiner, word joiner, and the byte order mark.
 _ZERO_WIDTH_CHARS = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
-# The seeded, demo and load-test certificate numbers (XM2024000123, LOAD-…-W00001) are ASCII
-# letters, digits and '-'. Anything else left after normalising, such as Cyrillic А or Greek Ο,
-# can look like a Latin letter and let one certificate register twice. Normalising upper-cases
-# the number first, so the pattern needs no lower case.
+# The seeded, demo and load-test certificate numbers (XM2024000123, LOAD-…-W00001) are typed as
+# ASCII letters, digits and '-'. Normalising upper-cases the number and removes every '-', so what
+# is stored and compared is letters and digits only. Anything else left after normalising, such
+# as Cyrillic А or Greek Ο, can look like a Latin letter and let one certificate register twice.
 # NOTE: no official format was checked; widen the pattern if a real certificate number is rejected.
-_CERTIFICATE_NO_PATTERN = re.compile(r"[A-Z0-9-]+")
+_CERTIFICATE_NO_PATTERN = re.compile(r"[A-Z0-9]+")
 MAX_SERVICE_RADIUS_M = 20_000
 MAX_LANGUAGES = 10
 MAX_LANGUAGE_CHARS = 32
@@ -195,15 +195,20 @@ def parse_worker_name(raw: object) -> str:
 
 
 def normalize_certificate_no(raw: str) -> str:
-    """Fold full-width characters, case and spaces, and drop zero-width characters, so one
-    certificate cannot register twice."""
+    """Fold full-width characters and case, and drop spaces, zero-width characters and hyphens,
+    so one certificate cannot register twice under spellings such as XM2024-000002.
+
+    NOTE: numbers stored before hyphens were dropped keep theirs, so a registration compares
+    equal to one of them only if typed the same way. Strip '-' from workers.certificate_no once
+    to bring such rows in line.
+    """
     folded = "".join(unicodedata.normalize("NFKC", raw).split()).upper()
-    return folded.translate(_ZERO_WIDTH_CHARS)
+    return folded.translate(_ZERO_WIDTH_CHARS).replace("-", "")
 
 
 def parse_certificate_no(raw: str) -> str:
-    """Normalise a certificate number and raise ValidationError unless it is 1 to
-    MAX_CERTIFICATE_NO_CHARS ASCII letters, digits or '-'."""
+    """Normalise a certificate number and raise ValidationError unless the result is 1 to
+    MAX_CERTIFICATE_NO_CHARS ASCII letters or digits. The raw number may also contain '-'."""
     certificate_no = normalize_certificate_no(raw)
     if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:
         raise ValidationError("证书编号格式不正确。", field="certificate_no")

@@ -51,7 +51,7 @@ async def test_profile_shows_rejection_reason(services, client):
     assert profile["status"] == "rejected"
     assert profile["rejection_reason"] == "证书编号无法核实"
     assert profile["certificate_level"] == "assistant"
-    assert profile["certificate_no"] == "XM-WRONG-1"
+    assert profile["certificate_no"] == "XMWRONG1"
     assert profile["agency"] == {"id": agencies["approved"].id, "name": "思明测试社工中心", "status": "approved"}
     assert profile["on_duty"] is False
     assert profile["categories"] == ["elderly_care"]
@@ -79,7 +79,7 @@ async def test_profile_is_callers_own(services, client):
     _, second_profile = await client.get(ME, headers=second)
 
     assert first_profile.json["id"] == registered_first.json["id"]
-    assert first_profile.json["certificate_no"] == "XM-ONE"
+    assert first_profile.json["certificate_no"] == "XMONE"
     assert second_profile.json["id"] == registered_second.json["id"]
     assert second_profile.json["name"] == "陈岚"
     assert second_profile.json["agency"]["id"] == agencies["other"].id
@@ -107,7 +107,7 @@ async def test_rejected_worker_registers_again(services, client):
     assert again.json == {"id": worker_id, "status": "pending"}
     assert profile.json["status"] == "pending"
     assert profile.json["rejection_reason"] is None
-    assert profile.json["certificate_no"] == "XM-RIGHT-1"
+    assert profile.json["certificate_no"] == "XMRIGHT1"
     assert profile.json["certificate_level"] == "intermediate"
     assert profile.json["agency"]["id"] == agencies["other"].id
     assert [item["id"] for item in pending.json["items"]] == [worker_id]
@@ -138,7 +138,7 @@ async def test_resubmission_certificate_no_stays_unique(services, client):
     assert duplicate.json["error"]["field"] == "certificate_no"
     rejected = await Worker.get(id=worker_id)
     assert rejected.status == WorkerStatus.REJECTED
-    assert rejected.certificate_no == "XM-WRONG-1"
+    assert rejected.certificate_no == "XMWRONG1"
 
 
 @pytest.mark.parametrize("status", ["pending", "verified"])
@@ -157,7 +157,7 @@ async def test_reviewable_worker_cannot_register_again(services, client, status)
     assert again.status == 409
     assert again.json["error"]["code"] == "worker_exists"
     assert profile.json["status"] == status
-    assert profile.json["certificate_no"] == "XM-FIRST-1"
+    assert profile.json["certificate_no"] == "XMFIRST1"
     assert profile.json["agency"]["id"] == agencies["approved"].id
 
 
