@@ -50,6 +50,10 @@ _ZERO_WIDTH_CHARS = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 # as Cyrillic А or Greek Ο, can look like a Latin letter and let one certificate register twice.
 # NOTE: no official format was checked; widen the pattern if a real certificate number is rejected.
 _CERTIFICATE_NO_PATTERN = re.compile(r"[A-Z0-9]+")
+# A rejected profile whose certificate number another registration took keeps this in its
+# unique column instead, followed by its own id. Lower case and ':' never pass
+# parse_certificate_no(), so it cannot collide with a real number.
+RELEASED_CERTIFICATE_NO_PREFIX = "released:"
 MAX_SERVICE_RADIUS_M = 20_000
 MAX_LANGUAGES = 10
 MAX_LANGUAGE_CHARS = 32
@@ -217,6 +221,38 @@ def parse_certificate_no(raw: str) -> str:
     return certificate_no
 
 
+def shown_certificate_no(worker: Worker) -> str | None:
+    """Return the worker's certificate number, or None once another registration took it."""
+    if worker.certificate_no.startswith(RELEASED_CERTIFICATE_NO_PREFIX):
+        return None
+    return worker.certificate_no
+
+
+async def _certificate_no_holder(certificate_no: str, user: User) -> Worker | None:
+    """Find another user's profile with this number, or raise 409 certificate_no_taken when that
+    profile is pending or verified. A rejected holder is returned, because the number may be
+    taken from it."""
+    holder = await Worker.filter(certificate_no=certificate_no).exclude(user_id=user.id).first()
+    if holder is not None and holder.status != WorkerStatus.REJECTED:
+        raise Conflict("该证书编号已被登记。", field="certificate_no", code="certificate_no_taken")
+    return holder
+
+
+async def _release_certificate_no(holder: Worker, certificate_no: str) -> None:
+    """Take a certificate number away from a rejected profile, inside the caller's transaction.
+
+    Someone may have registered with another person's number and been rejected, and the real
+    holder must still be able to register. The update is conditional on the status and the
+    number, so a concurrent resubmission or claim changes the row only once. When it changes
+    nothing, the caller's insert meets the unique index and fails instead.
+    """
+    released = await Worker.filter(id=holder.id, status=WorkerStatus.REJECTED, certificate_no=certificate_no).update(
+        certificate_no=f"{RELEASED_CERTIFICATE_NO_PREFIX}{holder.id}"
+    )
+    if released:
+        log.info("certificate number taken from rejected worker_id=%s", holder.id)
+
+
 async def register_worker(
     services: Services,
     user: User,
@@ -235,6 +271,10 @@ async def register_worker(
     A user whose profile was rejected registers again with the same call: the new details
     replace the rejected profile, which keeps its id and ratings and goes back to pending.
     A pending or verified profile cannot be replaced (409 worker_exists).
+
+    A certificate number belongs to at most one profile. When it belongs to another user's
+    rejected profile, this registration takes it, and that profile must register again with a
+    number of its own. A pending or verified holder keeps it (409 certificate_no_taken).
     """
     name = parse_worker_name(name)
     if not isinstance(certificate_level, str) or certificate_level not in CERTIFICATE_RANKS:
@@ -252,8 +292,7 @@ async def register_worker(
     existing = await Worker.get_or_none(user_id=user.id)
     if existing is not None and existing.status != WorkerStatus.REJECTED:
         raise Conflict("您已经提交过社工登记，无需重复提交。", code="worker_exists")
-    if await Worker.filter(certificate_no=certificate_no).exclude(user_id=user.id).exists():
-        raise Conflict("该证书编号已被登记。", field="certificate_no", code="certificate_no_taken")
+    holder = await _certificate_no_holder(certificate_no, user)
 
     details = {
         "agency_id": agency.id,
@@ -269,6 +308,8 @@ async def register_worker(
     }
     try:
         async with in_transaction():
+            if holder is not None:
+                await _release_certificate_no(holder, certificate_no)
             if existing is None:
                 worker = await Worker.create(user=user, **details)
                 await accounts.grant_role(user, Role.WORKER)
