@@ -348,20 +348,55 @@ async def own_profile(user: User) -> Worker:
     return worker
 
 
-async def verify_worker(services: Services, worker_id: int, officer: User | None = None) -> Worker:
+# The statuses each review decision may leave. Verifying takes only a pending profile, so a
+# rejected one must be resubmitted first. Rejecting a verified profile revokes its verification,
+# for a certificate found invalid after review.
+VERIFIABLE_STATUSES = (WorkerStatus.PENDING,)
+REJECTABLE_STATUSES = (WorkerStatus.PENDING, WorkerStatus.VERIFIED)
+_REVIEW_CONFLICTS = {
+    # Only when a resubmission came between the failed update and the read.
+    WorkerStatus.PENDING: ("worker_status_changed", "该社工的登记刚刚重新提交，请刷新列表后重新审核。"),
+    WorkerStatus.VERIFIED: ("worker_already_verified", "该社工已通过审核，请刷新列表查看最新状态。"),
+    WorkerStatus.REJECTED: ("worker_already_rejected", "该社工的登记已被驳回，需等其重新提交后才能再次审核。"),
+}
+
+
+async def worker_for_review(worker_id: int, officer: User | None) -> Worker:
+    """Return the worker an officer is about to verify or reject, or raise 404, or 403 self_review
+    when it is the officer's own profile. Without `officer`, as in tests, no self-review check runs."""
     worker = await Worker.get_or_none(id=worker_id)
     if worker is None:
         raise NotFound("找不到该社工。")
     if officer is not None and worker.user_id == officer.id:
         raise Forbidden("不能审核自己的社工证书，请由其他工作人员审核。", code="self_review")
-    if worker.status != WorkerStatus.VERIFIED:
-        worker.status = WorkerStatus.VERIFIED
-        worker.verified_at = clock.now()
-        async with in_transaction():
-            await worker.save(update_fields=["status", "verified_at"])
+    return worker
+
+
+async def review_conflict(worker_id: int) -> Conflict:
+    """Build the 409 for a review that found the worker in a status it may not leave, read again
+    because the status may have changed since the caller's read."""
+    status = (await Worker.get(id=worker_id)).status
+    code, message = _REVIEW_CONFLICTS[status]
+    return Conflict(message, code=code)
+
+
+async def verify_worker(services: Services, worker_id: int, officer: User | None = None) -> Worker:
+    """Verify a pending worker's certificate, or raise 409 when the worker is not pending."""
+    worker = await worker_for_review(worker_id, officer)
+
+    # Conditional on the status, so a concurrent rejection or resubmission is not overwritten.
+    async with in_transaction():
+        verified = await Worker.filter(id=worker.id, status__in=VERIFIABLE_STATUSES).update(
+            status=WorkerStatus.VERIFIED, verified_at=clock.now(), rejection_reason=None
+        )
+        if verified:
             await outbox.record_worker_change(worker.id)
-        await outbox.apply_pending(services, worker_ids=[worker.id])
-        log.info("worker verified worker_id=%s", worker.id)
+    if not verified:
+        raise await review_conflict(worker.id)
+
+    await outbox.apply_pending(services, worker_ids=[worker.id])
+    await worker.refresh_from_db()
+    log.info("worker verified worker_id=%s", worker.id)
     return worker
 
 
