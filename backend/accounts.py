@@ -286,18 +286,40 @@ _NETWORK_SCOPE = "password-login-user-network"
 _USERNAME_SCOPE = "password-login-user"
 
 
-async def _check_password_limits(client: redis.Redis, username: str, network_identity: str) -> None:
-    await rate_limit.check(
+@dataclass(frozen=True)
+class _PasswordAttempt:
+    """The two rate-limit hits that one password attempt reserves."""
+
+    username: str  # the casefolded username, the identity of the per-username limit
+    network_identity: str  # the identity of the per-network limit
+    network_member: str
+    username_member: str
+
+
+async def _reserve_password_attempt(client: redis.Redis, username: str, network_identity: str) -> _PasswordAttempt:
+    """Take a slot of both password limits before the password is verified, or raise
+    RateLimitExceeded.
+
+    The slot is taken first, in one Lua script per limit, so concurrent wrong passwords cannot
+    all pass a check before any failure is recorded. A request turned away by the username limit
+    gives its network slot back, because no password was verified for it.
+    """
+    network_member = await rate_limit.reserve(
         client, _NETWORK_SCOPE, network_identity, PASSWORD_FAILURES_PER_NETWORK, PASSWORD_FAILURE_WINDOW_S
     )
-    await rate_limit.check(
-        client, _USERNAME_SCOPE, username, PASSWORD_FAILURES_PER_USERNAME, PASSWORD_USERNAME_WINDOW_S
-    )
+    try:
+        username_member = await rate_limit.reserve(
+            client, _USERNAME_SCOPE, username, PASSWORD_FAILURES_PER_USERNAME, PASSWORD_USERNAME_WINDOW_S
+        )
+    except rate_limit.RateLimitExceeded:
+        await rate_limit.refund(client, _NETWORK_SCOPE, network_identity, network_member)
+        raise
+    return _PasswordAttempt(username, network_identity, network_member, username_member)
 
 
-async def _record_password_failure(client: redis.Redis, username: str, network_identity: str) -> None:
-    await rate_limit.record(client, _NETWORK_SCOPE, network_identity, PASSWORD_FAILURE_WINDOW_S)
-    await rate_limit.record(client, _USERNAME_SCOPE, username, PASSWORD_USERNAME_WINDOW_S)
+async def _refund_password_attempt(client: redis.Redis, attempt: _PasswordAttempt) -> None:
+    await rate_limit.refund(client, _NETWORK_SCOPE, attempt.network_identity, attempt.network_member)
+    await rate_limit.refund(client, _USERNAME_SCOPE, attempt.username, attempt.username_member)
 
 
 async def login_with_password(
@@ -305,8 +327,10 @@ async def login_with_password(
 ) -> tuple[str, User]:
     """Check a password login and return a new token with its user.
 
-    `client_network` is rate_limit.client_network() of the request. Only failures count toward
-    the limits, so successful logins never add up to a lockout.
+    `client_network` is rate_limit.client_network() of the request. Every attempt takes a slot
+    of the limits before its password is verified, and a correct password gives the slot back,
+    so only failures count and successful logins never add up to a lockout. An attempt that
+    fails with a server error keeps its slot.
     """
     username = normalize_username(username)
     # Nothing longer can have been stored, so it is a wrong login and is not worth a hash.
@@ -316,17 +340,17 @@ async def login_with_password(
     limited_name = username.casefold()
     # JSON keeps the pair unambiguous whatever characters the username contains.
     network_identity = json.dumps([limited_name, client_network])
-    await _check_password_limits(services.redis, limited_name, network_identity)
+    attempt = await _reserve_password_attempt(services.redis, limited_name, network_identity)
 
     user = await find_by_username(username)
     if user is None or not user.password_hash:
         await _verify_password(_DUMMY_HASH, password)
-        await _record_password_failure(services.redis, limited_name, network_identity)
         raise InvalidCredentials(field="password")
     if not await _verify_password(user.password_hash, password):
         log.info("password login failed user_id=%s", user.id)
-        await _record_password_failure(services.redis, limited_name, network_identity)
         raise InvalidCredentials(field="password")
+
+    await _refund_password_attempt(services.redis, attempt)
     token = await issue_token(services.redis, user.id, services.settings.token_ttl_s)
     log.info("password login user_id=%s", user.id)
     return token, user

@@ -7,7 +7,7 @@ import logging
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
-from backend import accounts, clock, dispatch, outbox, paging
+from backend import accounts, clock, dispatch, outbox, paging, workers
 from backend.context import Services
 from backend.errors import Conflict, NotFound, ValidationError
 from backend.models import Agency, AgencyStatus, CreditEvent, Role, ServiceStation, User, Worker, WorkerStatus
@@ -35,20 +35,30 @@ async def list_workers(status: str | None, *, cursor: str | None, limit: int) ->
 
 
 async def reject_worker(services: Services, officer: User, worker_id: int, reason: object) -> Worker:
+    """Reject a pending worker, or revoke a verified one, with a reason the worker sees.
+
+    Raises 409 worker_already_rejected for a rejected worker, so the first reason stays, and
+    403 self_review for the officer's own profile. Offers and accepted requests are released.
+    """
     if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_CHARS:
         raise ValidationError(f"请填写不超过 {MAX_REASON_CHARS} 字的驳回原因。", field="reason")
-    worker = await Worker.get_or_none(id=worker_id)
-    if worker is None:
-        raise NotFound("找不到该社工。")
-    worker.status = WorkerStatus.REJECTED
-    worker.rejection_reason = reason.strip()
-    worker.on_duty = False
+    worker = await workers.worker_for_review(worker_id, officer)
+    previous_status = worker.status.value
+
+    # Conditional on the status, so a concurrent review or resubmission is not overwritten.
     async with in_transaction():
-        await worker.save(update_fields=["status", "rejection_reason", "on_duty"])
-        await outbox.record_worker_change(worker.id)
+        rejected = await Worker.filter(id=worker.id, status__in=workers.REJECTABLE_STATUSES).update(
+            status=WorkerStatus.REJECTED, rejection_reason=reason.strip(), on_duty=False, verified_at=None
+        )
+        if rejected:
+            await outbox.record_worker_change(worker.id)
+    if not rejected:
+        raise await workers.review_conflict(worker.id)
+
     await outbox.apply_pending(services, worker_ids=[worker.id])
     await dispatch.release_worker(services, worker.id, reason="rejected", release_accepted=True)
-    log.info("worker rejected worker_id=%s by_user_id=%s", worker.id, officer.id)
+    await worker.refresh_from_db()
+    log.info("worker rejected worker_id=%s previous_status=%s by_user_id=%s", worker.id, previous_status, officer.id)
     return worker
 
 

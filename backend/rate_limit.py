@@ -32,8 +32,8 @@ IPV6_PREFIX_LENGTH = 64
 UNKNOWN_CLIENT = "unknown"
 
 # KEYS[1]: sorted set of hits. ARGV: now in ms, window in ms, limit, and a unique member for
-# this hit, or '' to check without recording. Returns 0 when the hit is allowed, else the
-# milliseconds until one would be.
+# this hit. Returns 0 when the hit is allowed and recorded, else the milliseconds until one
+# would be.
 _HIT_SCRIPT = """
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -41,10 +41,8 @@ local limit = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local count = redis.call('ZCARD', KEYS[1])
 if count < limit then
-    if ARGV[4] ~= '' then
-        redis.call('ZADD', KEYS[1], now, ARGV[4])
-        redis.call('PEXPIRE', KEYS[1], window)
-    end
+    redis.call('ZADD', KEYS[1], now, ARGV[4])
+    redis.call('PEXPIRE', KEYS[1], window)
     return 0
 end
 -- After a lowered limit the set may hold more hits than the limit, so the hit that has to
@@ -76,13 +74,13 @@ def _key(scope: str, identity: str) -> str:
     return f"{KEY_PREFIX}{scope}:{digest}"
 
 
-async def _run(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int, *, record: bool) -> str:
-    """Check the limit and, with `record`, add a hit. Return the hit's member, or '' without `record`."""
+async def _run(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> str:
+    """Check the limit and add a hit. Return the hit's member."""
     if limit < 1 or window_s < 1:
         raise ValueError(f"limit and window_s must be at least 1, got limit={limit} window_s={window_s}")
 
     now_ms = int(clock.now().timestamp() * 1000)
-    member = _unique_member(now_ms) if record else ""
+    member = _unique_member(now_ms)
     wait_ms = await client.eval(_HIT_SCRIPT, 1, _key(scope, identity), now_ms, window_s * 1000, limit, member)
     if not wait_ms:
         return member
@@ -100,15 +98,23 @@ async def hit(client: redis.Redis, scope: str, identity: str, limit: int, window
     Times come from backend.clock, so tests can move them, and every API host must keep its
     clock in sync (NTP) because the hits of all hosts share one window.
     """
-    await _run(client, scope, identity, limit, window_s, record=True)
+    await _run(client, scope, identity, limit, window_s)
 
 
-async def check(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> None:
-    """Raise RateLimitExceeded when `identity` already has `limit` hits in the window, without
-    recording one. With record(), this counts only the attempts that a caller chooses to count,
-    such as failed passwords. The check and the record are two calls, so concurrent callers can
-    all pass the check: where that matters, use hit_unless_rejected()."""
-    await _run(client, scope, identity, limit, window_s, record=False)
+async def reserve(client: redis.Redis, scope: str, identity: str, limit: int, window_s: int) -> str:
+    """Record one hit as hit() does and return its member, which refund() takes to remove it.
+
+    Use it to count only some attempts, such as failed passwords. Reserve before the attempt and
+    refund the attempts that turn out not to count. Because the slot is taken before the attempt runs,
+    concurrent attempts cannot all pass the limit, as a check followed by a record could.
+    """
+    return await _run(client, scope, identity, limit, window_s)
+
+
+async def refund(client: redis.Redis, scope: str, identity: str, member: str) -> None:
+    """Remove a hit that reserve() recorded. A Redis failure is logged, and the hit then leaves the
+    window on its own."""
+    await _remove_hit(client, scope, identity, member)
 
 
 @contextlib.asynccontextmanager
@@ -123,7 +129,7 @@ async def hit_unless_rejected(
     must raise client errors only before its work takes effect. A server error or a cancelled
     task keeps the hit, because the work may have been done before it failed.
     """
-    member = await _run(client, scope, identity, limit, window_s, record=True)
+    member = await _run(client, scope, identity, limit, window_s)
     try:
         yield
     except DomainError as error:
@@ -138,16 +144,6 @@ async def _remove_hit(client: redis.Redis, scope: str, identity: str, member: st
     except RedisError as error:
         # Keep the caller's own error. The hit leaves the window on its own.
         log.warning("rate limit hit not removed scope=%s error=%s", scope, type(error).__name__)
-
-
-async def record(client: redis.Redis, scope: str, identity: str, window_s: int) -> None:
-    """Count one hit of `identity` in `scope` without checking the limit."""
-    now_ms = int(clock.now().timestamp() * 1000)
-    key = _key(scope, identity)
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.zadd(key, {_unique_member(now_ms): now_ms})
-        pipe.pexpire(key, window_s * 1000)
-        await pipe.execute()
 
 
 def client_ip(request) -> str:

@@ -44,12 +44,16 @@ MAX_CERTIFICATE_NO_CHARS = 64  # the column's length
 # Characters that print as nothing, so a pasted certificate number can carry them unseen: zero
 # width space, zero width non-joiner and joiner, word joiner, and the byte order mark.
 _ZERO_WIDTH_CHARS = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
-# The seeded, demo and load-test certificate numbers (XM2024000123, LOAD-…-W00001) are ASCII
-# letters, digits and '-'. Anything else left after normalising, such as Cyrillic А or Greek Ο,
-# can look like a Latin letter and let one certificate register twice. Normalising upper-cases
-# the number first, so the pattern needs no lower case.
+# The seeded, demo and load-test certificate numbers (XM2024000123, LOAD-…-W00001) are typed as
+# ASCII letters, digits and '-'. Normalising upper-cases the number and removes every '-', so what
+# is stored and compared is letters and digits only. Anything else left after normalising, such
+# as Cyrillic А or Greek Ο, can look like a Latin letter and let one certificate register twice.
 # NOTE: no official format was checked; widen the pattern if a real certificate number is rejected.
-_CERTIFICATE_NO_PATTERN = re.compile(r"[A-Z0-9-]+")
+_CERTIFICATE_NO_PATTERN = re.compile(r"[A-Z0-9]+")
+# A rejected profile whose certificate number another registration took keeps this in its
+# unique column instead, followed by its own id. Lower case and ':' never pass
+# parse_certificate_no(), so it cannot collide with a real number.
+RELEASED_CERTIFICATE_NO_PREFIX = "released:"
 MAX_SERVICE_RADIUS_M = 20_000
 MAX_LANGUAGES = 10
 MAX_LANGUAGE_CHARS = 32
@@ -195,21 +199,58 @@ def parse_worker_name(raw: object) -> str:
 
 
 def normalize_certificate_no(raw: str) -> str:
-    """Fold full-width characters, case and spaces, and drop zero-width characters, so one
-    certificate cannot register twice."""
+    """Fold full-width characters and case, and drop spaces, zero-width characters and hyphens,
+    so one certificate cannot register twice under spellings such as XM2024-000002.
+
+    NOTE: numbers stored before hyphens were dropped keep theirs, so a registration compares
+    equal to one of them only if typed the same way. Strip '-' from workers.certificate_no once
+    to bring such rows in line.
+    """
     folded = "".join(unicodedata.normalize("NFKC", raw).split()).upper()
-    return folded.translate(_ZERO_WIDTH_CHARS)
+    return folded.translate(_ZERO_WIDTH_CHARS).replace("-", "")
 
 
 def parse_certificate_no(raw: str) -> str:
-    """Normalise a certificate number and raise ValidationError unless it is 1 to
-    MAX_CERTIFICATE_NO_CHARS ASCII letters, digits or '-'."""
+    """Normalise a certificate number and raise ValidationError unless the result is 1 to
+    MAX_CERTIFICATE_NO_CHARS ASCII letters or digits. The raw number may also contain '-'."""
     certificate_no = normalize_certificate_no(raw)
     if not certificate_no or len(certificate_no) > MAX_CERTIFICATE_NO_CHARS:
         raise ValidationError("证书编号格式不正确。", field="certificate_no")
     if not _CERTIFICATE_NO_PATTERN.fullmatch(certificate_no):
         raise ValidationError("证书编号只能由英文字母、数字和“-”组成，请对照证书重新输入。", field="certificate_no")
     return certificate_no
+
+
+def shown_certificate_no(worker: Worker) -> str | None:
+    """Return the worker's certificate number, or None once another registration took it."""
+    if worker.certificate_no.startswith(RELEASED_CERTIFICATE_NO_PREFIX):
+        return None
+    return worker.certificate_no
+
+
+async def _certificate_no_holder(certificate_no: str, user: User) -> Worker | None:
+    """Find another user's profile with this number, or raise 409 certificate_no_taken when that
+    profile is pending or verified. A rejected holder is returned, because the number may be
+    taken from it."""
+    holder = await Worker.filter(certificate_no=certificate_no).exclude(user_id=user.id).first()
+    if holder is not None and holder.status != WorkerStatus.REJECTED:
+        raise Conflict("该证书编号已被登记。", field="certificate_no", code="certificate_no_taken")
+    return holder
+
+
+async def _release_certificate_no(holder: Worker, certificate_no: str) -> None:
+    """Take a certificate number away from a rejected profile, inside the caller's transaction.
+
+    Someone may have registered with another person's number and been rejected, and the real
+    holder must still be able to register. The update is conditional on the status and the
+    number, so a concurrent resubmission or claim changes the row only once. When it changes
+    nothing, the caller's insert meets the unique index and fails instead.
+    """
+    released = await Worker.filter(id=holder.id, status=WorkerStatus.REJECTED, certificate_no=certificate_no).update(
+        certificate_no=f"{RELEASED_CERTIFICATE_NO_PREFIX}{holder.id}"
+    )
+    if released:
+        log.info("certificate number taken from rejected worker_id=%s", holder.id)
 
 
 async def register_worker(
@@ -230,6 +271,10 @@ async def register_worker(
     A user whose profile was rejected registers again with the same call: the new details
     replace the rejected profile, which keeps its id and ratings and goes back to pending.
     A pending or verified profile cannot be replaced (409 worker_exists).
+
+    A certificate number belongs to at most one profile. When it belongs to another user's
+    rejected profile, this registration takes it, and that profile must register again with a
+    number of its own. A pending or verified holder keeps it (409 certificate_no_taken).
     """
     name = parse_worker_name(name)
     if not isinstance(certificate_level, str) or certificate_level not in CERTIFICATE_RANKS:
@@ -247,8 +292,7 @@ async def register_worker(
     existing = await Worker.get_or_none(user_id=user.id)
     if existing is not None and existing.status != WorkerStatus.REJECTED:
         raise Conflict("您已经提交过社工登记，无需重复提交。", code="worker_exists")
-    if await Worker.filter(certificate_no=certificate_no).exclude(user_id=user.id).exists():
-        raise Conflict("该证书编号已被登记。", field="certificate_no", code="certificate_no_taken")
+    holder = await _certificate_no_holder(certificate_no, user)
 
     details = {
         "agency_id": agency.id,
@@ -264,6 +308,8 @@ async def register_worker(
     }
     try:
         async with in_transaction():
+            if holder is not None:
+                await _release_certificate_no(holder, certificate_no)
             if existing is None:
                 worker = await Worker.create(user=user, **details)
                 await accounts.grant_role(user, Role.WORKER)
@@ -302,20 +348,55 @@ async def own_profile(user: User) -> Worker:
     return worker
 
 
-async def verify_worker(services: Services, worker_id: int, officer: User | None = None) -> Worker:
+# The statuses each review decision may leave. Verifying takes only a pending profile, so a
+# rejected one must be resubmitted first. Rejecting a verified profile revokes its verification,
+# for a certificate found invalid after review.
+VERIFIABLE_STATUSES = (WorkerStatus.PENDING,)
+REJECTABLE_STATUSES = (WorkerStatus.PENDING, WorkerStatus.VERIFIED)
+_REVIEW_CONFLICTS = {
+    # Only when a resubmission came between the failed update and the read.
+    WorkerStatus.PENDING: ("worker_status_changed", "该社工的登记刚刚重新提交，请刷新列表后重新审核。"),
+    WorkerStatus.VERIFIED: ("worker_already_verified", "该社工已通过审核，请刷新列表查看最新状态。"),
+    WorkerStatus.REJECTED: ("worker_already_rejected", "该社工的登记已被驳回，需等其重新提交后才能再次审核。"),
+}
+
+
+async def worker_for_review(worker_id: int, officer: User | None) -> Worker:
+    """Return the worker an officer is about to verify or reject, or raise 404, or 403 self_review
+    when it is the officer's own profile. Without `officer`, as in tests, no self-review check runs."""
     worker = await Worker.get_or_none(id=worker_id)
     if worker is None:
         raise NotFound("找不到该社工。")
     if officer is not None and worker.user_id == officer.id:
         raise Forbidden("不能审核自己的社工证书，请由其他工作人员审核。", code="self_review")
-    if worker.status != WorkerStatus.VERIFIED:
-        worker.status = WorkerStatus.VERIFIED
-        worker.verified_at = clock.now()
-        async with in_transaction():
-            await worker.save(update_fields=["status", "verified_at"])
+    return worker
+
+
+async def review_conflict(worker_id: int) -> Conflict:
+    """Build the 409 for a review that found the worker in a status it may not leave, read again
+    because the status may have changed since the caller's read."""
+    status = (await Worker.get(id=worker_id)).status
+    code, message = _REVIEW_CONFLICTS[status]
+    return Conflict(message, code=code)
+
+
+async def verify_worker(services: Services, worker_id: int, officer: User | None = None) -> Worker:
+    """Verify a pending worker's certificate, or raise 409 when the worker is not pending."""
+    worker = await worker_for_review(worker_id, officer)
+
+    # Conditional on the status, so a concurrent rejection or resubmission is not overwritten.
+    async with in_transaction():
+        verified = await Worker.filter(id=worker.id, status__in=VERIFIABLE_STATUSES).update(
+            status=WorkerStatus.VERIFIED, verified_at=clock.now(), rejection_reason=None
+        )
+        if verified:
             await outbox.record_worker_change(worker.id)
-        await outbox.apply_pending(services, worker_ids=[worker.id])
-        log.info("worker verified worker_id=%s", worker.id)
+    if not verified:
+        raise await review_conflict(worker.id)
+
+    await outbox.apply_pending(services, worker_ids=[worker.id])
+    await worker.refresh_from_db()
+    log.info("worker verified worker_id=%s", worker.id)
     return worker
 
 

@@ -8,7 +8,7 @@ from sanic import Blueprint, Request
 from sanic.response import json
 from sanic_ext import openapi
 
-from backend import admin, clock
+from backend import admin, clock, workers
 from backend.models import Role, User, Worker
 from miniprogram_api.auth import authenticated
 from miniprogram_api.bodies import json_body, page_query, path_id
@@ -34,7 +34,7 @@ def _review_view(worker: Worker) -> dict:
         "name": worker.name,
         "agency_id": worker.agency_id,
         "certificate_level": worker.certificate_level.value,
-        "certificate_no": worker.certificate_no,
+        "certificate_no": workers.shown_certificate_no(worker),
         "categories": worker.categories,
         "status": worker.status.value,
         "rejection_reason": worker.rejection_reason,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backend import clock
+from backend import clock, workers
 from backend.catalog import CATEGORIES_BY_CODE
 from backend.matching import smoothed_rating
 from backend.models import DispatchEvent, DispatchStage, Offer, RequestStatus, ServiceRequest, User, Worker
@@ -159,7 +159,7 @@ def worker_profile_view(worker: Worker) -> dict:
         "rejection_reason": worker.rejection_reason,
         "name": worker.name,
         "certificate_level": worker.certificate_level.value,
-        "certificate_no": worker.certificate_no,
+        "certificate_no": workers.shown_certificate_no(worker),
         "categories": list(worker.categories),
         "languages": list(worker.languages),
         "agency": {"id": agency.id, "name": agency.name, "status": agency.status.value},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from backend import accounts, workers
@@ -310,6 +312,38 @@ async def test_certificate_no_zero_width_variants_collide(services, client, zero
     assert duplicate.json["error"]["code"] == "certificate_no_taken"
 
 
+@pytest.mark.parametrize("variant", ["XM2024-000002", "-XM2024000002-", "XM-2024-000002", "xm--2024000002"])
+async def test_certificate_no_hyphen_variants_collide(services, client, variant):
+    agencies = await make_city()
+    first, _ = await login_resident(client, "cert-a")
+    second, _ = await login_resident(client, "cert-b")
+    _, registered = await client.post(
+        "/api/v1/workers/me", json=_registration(agencies["approved"].id, "XM2024000002"), headers=first
+    )
+    _, duplicate = await client.post(
+        "/api/v1/workers/me", json=_registration(agencies["approved"].id, variant), headers=second
+    )
+
+    assert registered.status == 201, registered.json
+    assert duplicate.status == 409
+    assert duplicate.json["error"]["code"] == "certificate_no_taken"
+    assert duplicate.json["error"]["field"] == "certificate_no"
+    assert await Worker.all().count() == 1
+
+
+@pytest.mark.parametrize("certificate_no", ["-", "- -", "－－"])
+async def test_certificate_no_only_hyphens_rejected(services, client, certificate_no):
+    agencies = await make_city()
+    resident, _ = await login_resident(client, "cert-hyphens")
+    _, response = await client.post(
+        "/api/v1/workers/me", json=_registration(agencies["approved"].id, certificate_no), headers=resident
+    )
+
+    assert response.status == 400
+    assert response.json["error"]["field"] == "certificate_no"
+    assert not await Worker.exists()
+
+
 @pytest.mark.parametrize(
     "certificate_no",
     [
@@ -342,8 +376,9 @@ async def test_certificate_no_non_ascii_rejected(services, client, certificate_n
     ("certificate_no", "stored"),
     [
         ("XM2024000123", "XM2024000123"),
-        ("xm-later-1", "XM-LATER-1"),
-        ("ＸＭ－２０２４－１", "XM-2024-1"),
+        ("xm-later-1", "XMLATER1"),
+        ("ＸＭ－２０２４－１", "XM20241"),
+        ("LOAD-0101120000ab12-W00001", "LOAD0101120000AB12W00001"),
         ("2008 0310 0000 0001", "2008031000000001"),
     ],
 )
@@ -407,3 +442,115 @@ async def test_certificate_no_too_long_after_folding(services, client):
                                     headers=resident)
     assert response.status == 400
     assert response.json["error"]["field"] == "certificate_no"
+
+
+async def _review(client, officer, worker_id: int, action: str):
+    options = {"json": {"reason": "证书编号无法核实"}} if action == "reject" else {}
+    _, response = await client.post(f"/api/v1/admin/workers/{worker_id}/{action}", headers=officer, **options)
+    return response
+
+
+async def test_verify_rejected_worker_conflicts(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], verified=False, on_duty=False)
+    officer = await officer_headers(services)
+    await _review(client, officer, worker.id, "reject")
+
+    response = await _review(client, officer, worker.id, "verify")
+
+    assert response.status == 409
+    assert response.json["error"]["code"] == "worker_already_rejected"
+    stored = await Worker.get(id=worker.id)
+    assert stored.status == WorkerStatus.REJECTED
+    assert stored.rejection_reason == "证书编号无法核实"
+    assert stored.verified_at is None
+
+
+async def test_verify_twice_conflicts(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], verified=False, on_duty=False)
+    officer = await officer_headers(services)
+
+    first = await _review(client, officer, worker.id, "verify")
+    again = await _review(client, officer, worker.id, "verify")
+
+    assert first.status == 200
+    assert first.json == {"id": worker.id, "status": "verified"}
+    assert again.status == 409
+    assert again.json["error"]["code"] == "worker_already_verified"
+
+
+async def test_reject_twice_keeps_first_reason(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], verified=False, on_duty=False)
+    officer = await officer_headers(services)
+    await _review(client, officer, worker.id, "reject")
+
+    _, again = await client.post(
+        f"/api/v1/admin/workers/{worker.id}/reject", json={"reason": "另一个原因"}, headers=officer
+    )
+
+    assert again.status == 409
+    assert again.json["error"]["code"] == "worker_already_rejected"
+    assert (await Worker.get(id=worker.id)).rejection_reason == "证书编号无法核实"
+
+
+async def test_reject_verified_worker_revokes(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], verified=True, on_duty=True)
+    officer = await officer_headers(services)
+
+    response = await _review(client, officer, worker.id, "reject")
+
+    assert response.status == 200
+    assert response.json == {"id": worker.id, "status": "rejected"}
+    stored = await Worker.get(id=worker.id)
+    assert stored.status == WorkerStatus.REJECTED
+    assert stored.on_duty is False
+    assert stored.verified_at is None
+
+
+async def test_officer_cannot_reject_self(services, client):
+    agencies = await make_city()
+    officer = await officer_headers(services)
+    _, registered = await client.post("/api/v1/workers/me", json=_registration(agencies["approved"].id, "SELF2"),
+                                      headers=officer)
+    assert registered.status == 201
+
+    response = await _review(client, officer, registered.json["id"], "reject")
+
+    assert response.status == 403
+    assert response.json["error"]["code"] == "self_review"
+    assert (await Worker.get(id=registered.json["id"])).status == WorkerStatus.PENDING
+
+
+async def test_concurrent_verifies_succeed_once(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], verified=False, on_duty=False)
+    officers = [await officer_headers(services, f"officer-{number}") for number in range(3)]
+
+    responses = await asyncio.gather(*(_review(client, officer, worker.id, "verify") for officer in officers))
+
+    assert sorted(response.status for response in responses) == [200, 409, 409]
+    assert (await Worker.get(id=worker.id)).status == WorkerStatus.VERIFIED
+
+
+async def test_concurrent_verify_and_reject_consistent(services, client):
+    agencies = await make_city()
+    worker = await make_worker(services, agencies["approved"], verified=False, on_duty=False)
+    first, second = await officer_headers(services, "officer-a"), await officer_headers(services, "officer-b")
+
+    verified, rejected = await asyncio.gather(
+        _review(client, first, worker.id, "verify"), _review(client, second, worker.id, "reject")
+    )
+
+    stored = await Worker.get(id=worker.id)
+    # Rejection is allowed after verification (revocation), so it always lands, and a verification
+    # that came second finds the worker rejected.
+    assert rejected.status == 200
+    assert verified.status in (200, 409)
+    assert stored.status == WorkerStatus.REJECTED
+    assert stored.rejection_reason == "证书编号无法核实"
+    assert stored.verified_at is None
+    if verified.status == 409:
+        assert verified.json["error"]["code"] == "worker_already_rejected"

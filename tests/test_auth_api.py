@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from backend import accounts
@@ -340,3 +342,31 @@ async def test_successful_logins_never_lock_out(services, client):
             "/api/v1/auth/password-login", json={"username": "officer-busy", "password": "a-long-password-8"}
         )
         assert response.status == 200
+
+
+async def test_concurrent_guesses_verified_within_limit(services, app, monkeypatch):
+    await accounts.ensure_officer("officer-burst", "a-long-password-5")
+    client = _behind_proxy(app)
+    verified = 0
+    verify_password = accounts._verify_password
+
+    async def counting_verify(password_hash: str, password: str) -> bool:
+        nonlocal verified
+        verified += 1
+        return await verify_password(password_hash, password)
+
+    monkeypatch.setattr(accounts, "_verify_password", counting_verify)
+    attempts = accounts.PASSWORD_FAILURES_PER_NETWORK * 3 - 1
+    responses = await asyncio.gather(
+        *(_password_login(client, "officer-burst", f"wrong-{attempt}", ATTACKER_ADDRESS) for attempt in range(attempts))
+    )
+    statuses = sorted(response.status for response in responses)
+    verified_by_burst = verified
+
+    owner = await _password_login(client, "officer-burst", "a-long-password-5", OWNER_ADDRESS)
+
+    assert verified_by_burst == accounts.PASSWORD_FAILURES_PER_NETWORK
+    assert statuses == [401] * accounts.PASSWORD_FAILURES_PER_NETWORK + [429] * (
+        attempts - accounts.PASSWORD_FAILURES_PER_NETWORK
+    )
+    assert owner.status == 200, owner.json

@@ -125,6 +125,19 @@ async def test_hit_concurrent_allows_exactly_limit(services):
     assert len(outcomes) - outcomes.count(None) == 25
 
 
+async def test_refund_frees_reserved_slot(services):
+    clock.freeze(START)
+    first = await rate_limit.reserve(services.redis, "test", "user-1", 2, 60)
+    await rate_limit.reserve(services.redis, "test", "user-1", 2, 60)
+    with pytest.raises(RateLimitExceeded):
+        await rate_limit.reserve(services.redis, "test", "user-1", 2, 60)
+
+    await rate_limit.refund(services.redis, "test", "user-1", first)
+
+    assert await rate_limit.reserve(services.redis, "test", "user-1", 2, 60)
+    assert await _hit_outcome(services.redis, "test", "user-1", 2, 60) == 60
+
+
 async def test_hit_key_hashed_and_expires(services):
     phone = "13800138000"
     await rate_limit.hit(services.redis, "test", phone, 5, 60)

@@ -3,6 +3,8 @@ after a rejection."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from backend.models import Worker, WorkerStatus
@@ -51,7 +53,7 @@ async def test_profile_shows_rejection_reason(services, client):
     assert profile["status"] == "rejected"
     assert profile["rejection_reason"] == "证书编号无法核实"
     assert profile["certificate_level"] == "assistant"
-    assert profile["certificate_no"] == "XM-WRONG-1"
+    assert profile["certificate_no"] == "XMWRONG1"
     assert profile["agency"] == {"id": agencies["approved"].id, "name": "思明测试社工中心", "status": "approved"}
     assert profile["on_duty"] is False
     assert profile["categories"] == ["elderly_care"]
@@ -79,7 +81,7 @@ async def test_profile_is_callers_own(services, client):
     _, second_profile = await client.get(ME, headers=second)
 
     assert first_profile.json["id"] == registered_first.json["id"]
-    assert first_profile.json["certificate_no"] == "XM-ONE"
+    assert first_profile.json["certificate_no"] == "XMONE"
     assert second_profile.json["id"] == registered_second.json["id"]
     assert second_profile.json["name"] == "陈岚"
     assert second_profile.json["agency"]["id"] == agencies["other"].id
@@ -107,7 +109,7 @@ async def test_rejected_worker_registers_again(services, client):
     assert again.json == {"id": worker_id, "status": "pending"}
     assert profile.json["status"] == "pending"
     assert profile.json["rejection_reason"] is None
-    assert profile.json["certificate_no"] == "XM-RIGHT-1"
+    assert profile.json["certificate_no"] == "XMRIGHT1"
     assert profile.json["certificate_level"] == "intermediate"
     assert profile.json["agency"]["id"] == agencies["other"].id
     assert [item["id"] for item in pending.json["items"]] == [worker_id]
@@ -138,7 +140,104 @@ async def test_resubmission_certificate_no_stays_unique(services, client):
     assert duplicate.json["error"]["field"] == "certificate_no"
     rejected = await Worker.get(id=worker_id)
     assert rejected.status == WorkerStatus.REJECTED
-    assert rejected.certificate_no == "XM-WRONG-1"
+    assert rejected.certificate_no == "XMWRONG1"
+
+
+async def test_rejected_certificate_no_taken_by_holder(services, client):
+    agencies = await make_city()
+    rejected_headers, rejected_id = await _rejected_worker(services, client, agencies)
+    holder, _ = await login_resident(client, "real-holder")
+
+    _, taken = await client.post(ME, json=_registration(agencies["approved"].id, "XM-WRONG-1"), headers=holder)
+    _, rejected_profile = await client.get(ME, headers=rejected_headers)
+    _, listed = await client.get("/api/v1/admin/workers?status=rejected", headers=await officer_headers(services))
+    _, reused = await client.post(
+        ME, json=_registration(agencies["approved"].id, "XM-WRONG-1"), headers=rejected_headers
+    )
+    _, own_number = await client.post(
+        ME, json=_registration(agencies["approved"].id, "XM-OWN-2"), headers=rejected_headers
+    )
+
+    assert taken.status == 201, taken.json
+    assert (await Worker.get(id=taken.json["id"])).certificate_no == "XMWRONG1"
+    assert rejected_profile.json["status"] == "rejected"
+    assert rejected_profile.json["certificate_no"] is None
+    assert listed.json["items"][0]["id"] == rejected_id
+    assert listed.json["items"][0]["certificate_no"] is None
+    assert reused.status == 409
+    assert reused.json["error"]["code"] == "certificate_no_taken"
+    assert own_number.status == 200, own_number.json
+    assert (await Worker.get(id=rejected_id)).certificate_no == "XMOWN2"
+
+
+@pytest.mark.parametrize(("holder_status", "claim_status"), [("pending", 409), ("verified", 409), ("rejected", 201)])
+async def test_certificate_no_claim_by_holder_status(services, client, holder_status, claim_status):
+    agencies = await make_city()
+    officer = await officer_headers(services)
+    holder, _ = await login_resident(client, "first-holder")
+    _, registered = await client.post(ME, json=_registration(agencies["approved"].id, "XM-HELD-2"), headers=holder)
+    if holder_status == "verified":
+        await client.post(f"/api/v1/admin/workers/{registered.json['id']}/verify", headers=officer)
+    if holder_status == "rejected":
+        await client.post(
+            f"/api/v1/admin/workers/{registered.json['id']}/reject", json={"reason": "证书编号无法核实"}, headers=officer
+        )
+    claimant, _ = await login_resident(client, "claimant")
+
+    _, claim = await client.post(ME, json=_registration(agencies["approved"].id, "XM-HELD-2"), headers=claimant)
+
+    assert claim.status == claim_status, claim.json
+    first = await Worker.get(id=registered.json["id"])
+    assert first.status.value == holder_status
+    if claim_status == 409:
+        assert claim.json["error"]["code"] == "certificate_no_taken"
+        assert first.certificate_no == "XMHELD2"
+    else:
+        assert first.certificate_no == f"released:{first.id}"
+    assert await Worker.filter(certificate_no="XMHELD2").count() == 1
+
+
+async def test_concurrent_claims_take_rejected_number_once(services, client):
+    agencies = await make_city()
+    _, rejected_id = await _rejected_worker(services, client, agencies)
+    claimants = [(await login_resident(client, f"claimant-{number}"))[0] for number in range(3)]
+
+    responses = await asyncio.gather(
+        *(
+            client.post(ME, json=_registration(agencies["approved"].id, "XM-WRONG-1"), headers=headers)
+            for headers in claimants
+        )
+    )
+    statuses = sorted(response.status for _, response in responses)
+
+    assert statuses == [201, 409, 409]
+    for _, response in responses:
+        if response.status == 409:
+            assert response.json["error"]["code"] == "certificate_no_taken"
+    assert await Worker.filter(certificate_no="XMWRONG1").count() == 1
+    assert (await Worker.get(id=rejected_id)).certificate_no == f"released:{rejected_id}"
+
+
+async def test_claim_races_rejected_resubmission(services, client):
+    agencies = await make_city()
+    rejected_headers, rejected_id = await _rejected_worker(services, client, agencies)
+    claimant, _ = await login_resident(client, "racing-claimant")
+
+    (_, resubmitted), (_, claimed) = await asyncio.gather(
+        client.post(ME, json=_registration(agencies["approved"].id, "XM-WRONG-1"), headers=rejected_headers),
+        client.post(ME, json=_registration(agencies["approved"].id, "XM-WRONG-1"), headers=claimant),
+    )
+
+    assert sorted([resubmitted.status, claimed.status]) in ([200, 409], [201, 409])
+    assert await Worker.filter(certificate_no="XMWRONG1").count() == 1
+    rejected = await Worker.get(id=rejected_id)
+    if resubmitted.status == 200:
+        assert rejected.status == WorkerStatus.PENDING
+        assert rejected.certificate_no == "XMWRONG1"
+    else:
+        assert resubmitted.json["error"]["code"] == "certificate_no_taken"
+        assert rejected.status == WorkerStatus.REJECTED
+        assert rejected.certificate_no == f"released:{rejected_id}"
 
 
 @pytest.mark.parametrize("status", ["pending", "verified"])
@@ -157,7 +256,7 @@ async def test_reviewable_worker_cannot_register_again(services, client, status)
     assert again.status == 409
     assert again.json["error"]["code"] == "worker_exists"
     assert profile.json["status"] == status
-    assert profile.json["certificate_no"] == "XM-FIRST-1"
+    assert profile.json["certificate_no"] == "XMFIRST1"
     assert profile.json["agency"]["id"] == agencies["approved"].id
 
 
