@@ -52,11 +52,18 @@ return math.max(1, tonumber(blocking[2]) + window - now)
 """
 
 
+def wait_phrase(seconds: int) -> str:
+    """Say a wait in seconds under a minute, else in whole minutes rounded up, such as "60 分钟"."""
+    if seconds < 60:
+        return f"{seconds} 秒"
+    return f"{math.ceil(seconds / 60)} 分钟"
+
+
 class RateLimitExceeded(RateLimited):
     code = "rate_limited"
 
     def __init__(self, retry_after_s: int, *, scope: str):
-        super().__init__(f"操作太频繁，请 {retry_after_s} 秒后再试。")
+        super().__init__(f"操作太频繁，请 {wait_phrase(retry_after_s)}后再试。")
         self.retry_after_s = retry_after_s
         self.scope = scope
 

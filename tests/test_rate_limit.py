@@ -52,7 +52,7 @@ async def test_hit_error_is_429_envelope(services):
         await rate_limit.hit(services.redis, "test", "user-1", 1, 60)
     assert caught.value.status == 429
     assert caught.value.code == "rate_limited"
-    assert "60 秒" in caught.value.message
+    assert "1 分钟" in caught.value.message
     assert caught.value.to_envelope()["error"]["code"] == "rate_limited"
 
 
@@ -324,3 +324,8 @@ async def test_limited_create_not_stored_for_idempotency(services):
     assert limited.status == 429
     assert retried.status == 201
     assert "idempotent-replayed" not in retried.headers
+
+
+@pytest.mark.parametrize(("seconds", "phrase"), [(1, "1 秒"), (59, "59 秒"), (60, "1 分钟"), (61, "2 分钟"), (3584, "60 分钟")])
+def test_wait_phrase_minutes_from_one_minute(seconds: int, phrase: str) -> None:
+    assert rate_limit.wait_phrase(seconds) == phrase
