@@ -57,6 +57,7 @@ RELEASED_CERTIFICATE_NO_PREFIX = "released:"
 MAX_SERVICE_RADIUS_M = 20_000
 MAX_LANGUAGES = 10
 MAX_LANGUAGE_CHARS = 32
+QUOTED_MAX_CHARS = 32  # longer rejected values are not repeated back in error messages
 _REBUILD_BATCH = 1000
 
 
@@ -156,6 +157,13 @@ async def ensure_index(services: Services) -> bool:
     return True
 
 
+def _quoted(value: object) -> str:
+    """Quote a rejected list item for an error message: short printable text only, never a repr."""
+    if isinstance(value, str) and value.isprintable() and 0 < len(value) <= QUOTED_MAX_CHARS:
+        return f"「{value}」"
+    return ""
+
+
 def parse_languages(raw: object) -> list[str]:
     """Validate the languages a worker lists; None gives the default, 普通话."""
     if raw is None:
@@ -166,7 +174,7 @@ def parse_languages(raw: object) -> list[str]:
     for item in raw:
         value = item.strip() if isinstance(item, str) else ""
         if not value or len(value) > MAX_LANGUAGE_CHARS or any(c in value for c in "|,") or not value.isprintable():
-            raise ValidationError(f"服务语言无效：{item}。", field="languages")
+            raise ValidationError(f"服务语言无效{_quoted(item)}，请填写语言名称，例如「闽南语」。", field="languages")
         if value not in languages:
             languages.append(value)
     return languages
@@ -178,7 +186,7 @@ def _parse_categories(raw: object, certificate_level: str) -> list[str]:
     categories: list[str] = []
     for code in raw:
         if not isinstance(code, str) or code not in CATEGORIES_BY_CODE:
-            raise ValidationError(f"未知的服务类别：{code}。", field="categories")
+            raise ValidationError(f"未知的服务类别{_quoted(code)}，请从服务类别列表中选择。", field="categories")
         if CERTIFICATE_RANKS[certificate_level] < min_rank(code):
             name = CATEGORIES_BY_CODE[code].name
             raise ValidationError(f"您的证书等级不足以提供「{name}」服务。", field="categories")

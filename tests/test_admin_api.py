@@ -554,3 +554,17 @@ async def test_concurrent_verify_and_reject_consistent(services, client):
     assert stored.verified_at is None
     if verified.status == 409:
         assert verified.json["error"]["code"] == "worker_already_rejected"
+
+
+@pytest.mark.parametrize(("field", "value"), [("categories", [{"a": 1}]), ("languages", [["闽南语"]])])
+async def test_registration_error_repeats_no_repr(services, client, field, value):
+    agencies = await make_city()
+    resident, _ = await login_resident(client)
+    body = _registration(agencies["approved"].id, "XM2024777") | {field: value}
+
+    _, response = await client.post("/api/v1/workers/me", json=body, headers=resident)
+
+    assert response.status == 400
+    assert response.json["error"]["field"] == field
+    assert "[" not in response.json["error"]["message"]
+    assert "{" not in response.json["error"]["message"]
