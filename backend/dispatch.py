@@ -112,11 +112,14 @@ def _offer_rows(request: ServiceRequest, candidates: list[Candidate], now: datet
     for candidate in candidates:
         worker_id = candidate.hit.document.worker_id
         distance_m = round(candidate.hit.distance_m)
+        dedupe_key = f"offer:{request.id}:{worker_id}:{now.timestamp():.0f}"
+        # The PostgreSQL path writes notifications without enqueue_many, so check them here for both.
+        notifications.check_message(OFFER_NOTIFICATION_KIND, dedupe_key)
         rows.append(_OfferRow(
             worker_id=worker_id,
             distance_m=distance_m,
             score=round(candidate.score, 4),
-            dedupe_key=f"offer:{request.id}:{worker_id}:{now.timestamp():.0f}",
+            dedupe_key=dedupe_key,
             notification_data={"category": request.category, "distance_m": distance_m},
         ))
     return rows

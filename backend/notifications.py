@@ -91,6 +91,14 @@ class Outgoing:
     data: dict | None = None
 
 
+def check_message(kind: str, dedupe_key: str) -> None:
+    """Raise ValueError for an unknown kind or a dedupe_key that is empty or longer than DEDUPE_KEY_MAX_CHARS."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown notification kind {kind!r}, expected one of {sorted(KINDS)}")
+    if not dedupe_key or len(dedupe_key) > DEDUPE_KEY_MAX_CHARS:
+        raise ValueError(f"dedupe_key must have 1 to {DEDUPE_KEY_MAX_CHARS} characters, got {dedupe_key!r}")
+
+
 async def enqueue(
     user_id: int,
     kind: str,
@@ -111,12 +119,7 @@ async def enqueue_many(messages: list[Outgoing]) -> None:
     longer than DEDUPE_KEY_MAX_CHARS, and IntegrityError for an unknown user.
     """
     for message in messages:
-        if message.kind not in KINDS:
-            raise ValueError(f"unknown notification kind {message.kind!r}, expected one of {sorted(KINDS)}")
-        if not message.dedupe_key or len(message.dedupe_key) > DEDUPE_KEY_MAX_CHARS:
-            raise ValueError(
-                f"dedupe_key must have 1 to {DEDUPE_KEY_MAX_CHARS} characters, got {message.dedupe_key!r}"
-            )
+        check_message(message.kind, message.dedupe_key)
     if not messages:
         return
 
