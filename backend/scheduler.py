@@ -51,12 +51,12 @@ class Lease:
 
     async def acquire(self) -> bool:
         """Take the lease, or keep it when this process already holds it."""
-        asked_at = time.monotonic()
+        started_at = time.monotonic()
         held = bool(await self._renew(keys=[self._key], args=[self._token, self._ttl_ms]))
         if not held:
             held = bool(await self._redis.set(self._key, self._token, nx=True, px=self._ttl_ms))
         # Counted from before the call, so a slow reply cannot stretch the lease past Redis's.
-        self._held_until = asked_at + self._ttl_ms / 1000 if held else 0.0
+        self._held_until = started_at + self._ttl_ms / 1000 if held else 0.0
         return held
 
     @property
@@ -123,9 +123,9 @@ async def _while_leased(name: str, step, services: Services, lease: Lease, inter
 async def run_forever(services: Services, interval_s: float) -> None:
     """Run the steps while this process holds the lease, until cancelled.
 
-    Three loops share the lease. Expiring offers is one UPDATE and runs on every tick; moving
+    Three loops share the lease. Expiring offers is one UPDATE, so it runs on every tick. Moving
     requests on (a search each) and sending notifications (a WeChat call each) can take many
-    ticks under load, so each runs in its own loop and neither delays expiry.
+    ticks under load, so each has a loop of its own and neither delays expiry.
     """
     lease = Lease(services.redis)
     loops = [

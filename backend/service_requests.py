@@ -289,8 +289,8 @@ async def decline_offer(services: Services, user: User, request_id: int) -> None
     ).update(status=OfferStatus.DECLINED)
     if not declined:
         offer = await Offer.get_or_none(service_request_id=request.id, worker_id=worker.id)
-        # A worker who declined and was later assigned by a station holds the job: refuse, so
-        # they do not believe they are free of it.
+        # A worker who declined and was later assigned by a station has the job, so the decline
+        # is rejected and they cannot believe they are free of it.
         if offer is not None and offer.status == OfferStatus.DECLINED and relation != "assigned":
             return
         await request.refresh_from_db()
